@@ -1,0 +1,118 @@
+"""Address-range dispatch from a vCPU exit to the device that owns the address.
+
+One `Bus` serves port I/O and another MMIO. Ranges never overlap (checked at registration).
+An access nobody claims reads as all-ones and writes are dropped, as on real hardware; it is
+counted per address and logged once, never fatal.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("pyvmm.bus")
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+class BusOverlapError(ValueError):
+    """A registration overlaps a range that is already claimed."""
+
+
+@dataclass(frozen=True)
+class BusRange:
+    base: int
+    size: int
+    device: BusDevice
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+class Bus:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        # Parallel sorted lists, replaced as a whole on change so lookups need no lock.
+        self._bases: list[int] = []
+        self._ranges: list[BusRange] = []
+        self.unclaimed: Counter[int] = Counter()
+        self.device_errors: Counter[str] = Counter()
+
+    def register(self, base: int, size: int, device: BusDevice, name: str) -> BusRange:
+        if size <= 0 or base < 0:
+            raise ValueError(f"{self.name}: bad range {base:#x}+{size:#x} for {name}")
+        with self._lock:
+            i = bisect.bisect_right(self._bases, base)
+            for neighbour in self._ranges[max(i - 1, 0):i + 1]:
+                if neighbour.base < base + size and base < neighbour.end:
+                    raise BusOverlapError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps "
+                                          f"{neighbour.name} at {neighbour.base:#x}+{neighbour.size:#x}")
+            r = BusRange(base, size, device, name)
+            self._bases = self._bases[:i] + [base] + self._bases[i:]
+            self._ranges = self._ranges[:i] + [r] + self._ranges[i:]
+            return r
+
+    def unregister(self, r: BusRange) -> None:
+        with self._lock:
+            i = self._ranges.index(r)
+            self._bases = self._bases[:i] + self._bases[i + 1:]
+            self._ranges = self._ranges[:i] + self._ranges[i + 1:]
+
+    def find(self, addr: int) -> BusRange | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr < r.base + r.size:
+                return r
+        return None
+
+    def ranges(self) -> list[BusRange]:
+        return list(self._ranges)
+
+    def read(self, addr: int, size: int) -> bytes:
+        r = self.find(addr)
+        if r is None:
+            self._unclaimed(addr, "read", size)
+            return b"\xff" * size
+        try:
+            data = r.device.read(addr - r.base, size)
+        except Exception:  # a device bug must not kill the vCPU thread
+            self._device_error(r, addr, "read")
+            return b"\xff" * size
+        return data if len(data) == size else (data + b"\xff" * size)[:size]
+
+    def write(self, addr: int, data: bytes) -> None:
+        r = self.find(addr)
+        if r is None:
+            self._unclaimed(addr, "write", len(data))
+            return
+        try:
+            r.device.write(addr - r.base, data)
+        except Exception:
+            self._device_error(r, addr, "write")
+
+    def _unclaimed(self, addr: int, kind: str, size: int) -> None:
+        first = addr not in self.unclaimed
+        self.unclaimed[addr] += 1
+        if first:
+            log.info("%s: unclaimed %d-byte %s at %#x (logged once per address)", self.name, size, kind, addr)
+
+    def _device_error(self, r: BusRange, addr: int, kind: str) -> None:
+        self.device_errors[r.name] += 1
+        if self.device_errors[r.name] == 1:
+            log.exception("%s: %s raised on a %s at %#x", self.name, r.name, kind, addr)
+
+    def stats(self) -> dict:
+        return {"unclaimed-accesses": sum(self.unclaimed.values()),
+                "unclaimed-addresses": len(self.unclaimed),
+                "device-errors": dict(self.device_errors)}

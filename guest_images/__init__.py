@@ -1,0 +1,1 @@
+"""guest_images package."""

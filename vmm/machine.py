@@ -1,0 +1,536 @@
+"""The virtual machine: KVM VM, vCPUs, memory, buses, devices, firmware, boot, lifecycle.
+
+`Machine` is what the CLI runs and what the control plane (QMP) drives through its small
+public API (status, pause, resume, powerdown, reset, quit, stats, events). Lifecycle
+requests from vCPU threads (guest poweroff, reset, panic) are queued to the thread that
+called `run()`, which performs them with every vCPU parked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bus import Bus
+from devices.acpi_pm import AcpiPmRegisters, I8042ResetPort
+from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
+from devices.serial import Serial16550
+from firmware.acpi import AcpiConfig, AcpiDevice, build_acpi
+from vmm import assist as assist_mod
+from vmm import cpuid
+from vmm import kvm_abi as abi
+from vmm.boot import cpu_setup
+from vmm.boot.bootparams import E820_RAM, E820_RESERVED, E820Entry, build_boot_params, initrd_max_addr
+from vmm.boot.kernel import KernelImageError, LoadedKernel, load_kernel
+from vmm.hostinfo import host_kernel_params
+from vmm.hostmem import PAGE_SIZE, HostMapping
+from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
+from vmm.kvm_abi import ffi
+from vmm.memory import GuestMemory, ram_layout
+from vmm.memslots import MemslotManager
+from vmm.symbols import Symbols
+from vmm.vcpu import KICK_SIGNAL, Vcpu
+
+log = logging.getLogger("pyvmm.machine")
+
+VERSION = (0, 1, 0)
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+COM2_PORT, COM2_IRQ = 0x2F8, 3
+UART_PORTS = 8
+ACPI_PM_PORT = 0x600
+I8042_COMMAND_PORT = 0x64
+ACPI_TABLES_ADDR = 0xE0000
+EBDA_START = 0x9FC00
+HIGH_MEMORY = 0x100000
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MAX_CPUS = 8
+
+EXIT_OK = 0
+EXIT_GUEST_ERROR = 1
+
+
+class MachineError(Exception):
+    """The machine could not be built or started (one-line message)."""
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    initrd: Path | None = None
+    memory: int = 256 << 20
+    cpus: int = 1
+    backend: str = "anon"
+    cpu_features: str | None = None
+    cmdline: str | None = None          # replaces the default command line whole
+    append: str = ""                    # added to the default command line
+    serial1: str | None = None          # unix socket path for ttyS1
+    no_reboot: bool = False
+    trace: bool = False
+    system_map: Path | None = None
+    console_output: Callable[[bytes], None] | None = None
+    extra_cmdline: list[str] = field(default_factory=list)  # device entries (virtio_mmio.device=…)
+
+
+class KvmIrqLine:
+    """A GSI of the in-kernel IOAPIC/PIC, driven with KVM_IRQ_LINE."""
+
+    def __init__(self, vm, gsi: int) -> None:
+        self._vm = vm
+        self.gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self._vm.irq_line(self.gsi, level)
+
+    def pulse(self) -> None:
+        self._vm.irq_line(self.gsi, True)
+        self._vm.irq_line(self.gsi, False)
+
+
+@dataclass
+class _VcpuInitialState:
+    regs: bytes
+    sregs: bytes
+    fpu: bytes
+    lapic: bytes
+    events: bytes
+    mp_state: int
+    msrs: list[MsrValue]
+
+
+class Machine:
+    def __init__(self, config: MachineConfig) -> None:
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise MachineError(f"--cpus must be between 1 and {MAX_CPUS}")
+        self.config = config
+        self._status = "prelaunch"
+        self._listeners: list[Callable[[str, dict | None], None]] = []
+        self._requests: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._assist_lock = threading.Lock()
+        self.assist_stats = assist_mod.AssistStats()
+        self.reset_count = 0
+        self.last_error: str | None = None
+        self._reset_hooks: list[Callable[[], None]] = []
+        self.msr_handlers: dict[int, tuple[Callable[[int], int], Callable[[int, int], None]]] = {}
+        self._symbols = Symbols.load(config.system_map) if config.system_map else None
+        self.started_at = time.monotonic()
+
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self._setup_vm()
+        self.slots = MemslotManager(self.vm, self.kvm.check_extension(abi.KVM_CAP_NR_MEMSLOTS) or 32764)
+        self.memory = GuestMemory(self.slots)
+        self.ram = HostMapping(config.memory, config.backend, "ram")
+        for r in ram_layout(config.memory):
+            self.slots.add(r.gpa, r.size, self.ram, r.offset, owner="ram")
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._build_devices()
+        self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
+        self.vcpus: list[Vcpu] = []
+        self._initial: list[_VcpuInitialState] = []
+        for i in range(config.cpus):
+            fd = self.vm.create_vcpu(i)
+            fd.set_cpuid(cpuid.for_vcpu(self._cpuid_template, i, config.cpus))
+            self.vcpus.append(Vcpu(fd, self, self.pio, self.mmio, trace=config.trace))
+            self._initial.append(self._capture_initial_state(fd))
+        self._irqchip_initial = [self.vm.get_irqchip(chip) for chip in
+                                 (abi.KVM_IRQCHIP_PIC_MASTER, abi.KVM_IRQCHIP_PIC_SLAVE, abi.KVM_IRQCHIP_IOAPIC)]
+        self.kernel_info: LoadedKernel | None = None
+        self.cmdline = self._build_cmdline()
+        self._load_guest()
+
+    # ------------------------------------------------------------------ build
+    def _setup_vm(self) -> None:
+        vm = self.vm
+        try:
+            vm.set_tss_addr(TSS_ADDR)
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        except KvmError as e:  # only VMX needs these; other KVMs may refuse them
+            log.debug("TSS/identity-map setup not accepted: %s", e)
+        vm.create_irqchip()
+        if self.kvm.check_extension(abi.KVM_CAP_PIT2):
+            vm.create_pit2()
+
+    def _build_devices(self) -> None:
+        cfg = self.config
+        out = cfg.console_output or _stdout_writer()
+        self.serial0 = Serial16550(KvmIrqLine(self.vm, COM1_IRQ), out, name="ttyS0")
+        self.pio.register(COM1_PORT, UART_PORTS, self.serial0, "ttyS0")
+        self.serial1_port = None
+        if cfg.serial1:
+            from devices.console import UnixSocketPort
+
+            self.serial1_port = UnixSocketPort(cfg.serial1)
+            self.serial1 = Serial16550(KvmIrqLine(self.vm, COM2_IRQ), self.serial1_port.write, name="ttyS1")
+            self.serial1_port.start(self.serial1.feed)
+        else:
+            self.serial1 = Serial16550(KvmIrqLine(self.vm, COM2_IRQ), lambda data: None, name="ttyS1")
+        self.pio.register(COM2_PORT, UART_PORTS, self.serial1, "ttyS1")
+        self.acpi_pm = AcpiPmRegisters(on_poweroff=lambda: self.request("poweroff", "guest"),
+                                       on_reset=lambda: self.request("reset", "guest"))
+        self.pio.register(ACPI_PM_PORT, AcpiPmRegisters.SIZE, self.acpi_pm, "acpi-pm")
+        self.pio.register(I8042_COMMAND_PORT, 1, I8042ResetPort(lambda: self.request("reset", "guest")), "i8042")
+        self.pvpanic = PvPanic(lambda events: self.request("panic", f"pvpanic events {events:#x}"))
+        self.pio.register(PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+        self.acpi_devices: list[AcpiDevice] = [
+            AcpiDevice(name="PEVT", hid=PVPANIC_ACPI_HID, io=[(PVPANIC_PORT, 1)]),
+        ]
+
+    def _cpuid_template_for(self, cfg: MachineConfig) -> tuple[list[dict], list[str]]:
+        policy = cpuid.CpuidPolicy.parse(cfg.cpu_features)
+        supported = self.kvm.supported_cpuid()
+        tsc_khz = 0
+        if self.kvm.check_extension(abi.KVM_CAP_GET_TSC_KHZ):
+            tsc_khz = self._probe_tsc_khz()
+        return cpuid.apply_policy(supported, policy, tsc_khz=tsc_khz,
+                                  tsc_deadline=bool(self.kvm.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)))
+
+    def _probe_tsc_khz(self) -> int:
+        # KVM_GET_TSC_KHZ is a vCPU ioctl; a throwaway VM avoids consuming a vCPU id here.
+        vm = self.kvm.create_vm()
+        try:
+            v = vm.create_vcpu(0)
+            try:
+                return v.get_tsc_khz()
+            finally:
+                v.close()
+        except KvmError:
+            return 0
+        finally:
+            vm.close()
+
+    def _capture_initial_state(self, fd: VcpuFd) -> _VcpuInitialState:
+        msr_indices = self.kvm.msr_index_list()
+        msrs = fd.get_msrs(msr_indices)
+        lapic = fd.get_lapic()
+        if fd.index == 0:
+            lapic = cpu_setup.lapic_with_lint(lapic)
+        return _VcpuInitialState(
+            regs=bytes(ffi.buffer(fd.get_regs())), sregs=bytes(ffi.buffer(fd.get_sregs())),
+            fpu=bytes(ffi.buffer(fd.get_fpu())), lapic=lapic,
+            events=bytes(ffi.buffer(fd.get_vcpu_events())), mp_state=fd.get_mp_state(), msrs=msrs)
+
+    def _build_cmdline(self) -> str:
+        cfg = self.config
+        if cfg.cmdline is not None:
+            return cfg.cmdline
+        parts = ["console=ttyS0", "reboot=acpi", "tsc=reliable", "memhp_default_state=online_movable"]
+        parts += host_kernel_params()
+        if self._hidden_features:
+            parts.append("clearcpuid=" + ",".join(self._hidden_features))
+        parts += cfg.extra_cmdline
+        if cfg.append:
+            parts.append(cfg.append)
+        return " ".join(parts)
+
+    # ------------------------------------------------------------------ boot
+    def _load_guest(self) -> None:
+        """Write kernel, initrd, boot structures and ACPI tables; set the vCPUs' boot state."""
+        cfg = self.config
+        low_end = ram_layout(cfg.memory)[0].end
+        write = self.memory.write
+        kernel = load_kernel(cfg.kernel, write, low_end)
+        self.kernel_info = kernel
+        initrd_addr = initrd_size = 0
+        if cfg.initrd:
+            try:
+                initrd = Path(cfg.initrd).read_bytes()
+            except OSError as e:
+                raise MachineError(f"cannot read initrd {cfg.initrd}: {e.strerror}") from None
+            initrd_size = len(initrd)
+            top = min(low_end, initrd_max_addr(kernel.setup_header))
+            initrd_addr = (top - initrd_size) & ~(PAGE_SIZE - 1)
+            if initrd_addr < kernel.end:
+                raise MachineError(f"the initrd ({initrd_size >> 20} MiB) does not fit in guest RAM above the "
+                                   f"kernel: give the guest more --memory")
+            write(initrd_addr, initrd)
+        cmdline = self.cmdline.encode() + b"\0"
+        if len(cmdline) > cpu_setup.CMDLINE_MAX:
+            raise MachineError(f"kernel command line is too long ({len(cmdline)} bytes)")
+        write(cpu_setup.CMDLINE_ADDR, cmdline)
+        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=list(self.acpi_devices)), ACPI_TABLES_ADDR)
+        write(ACPI_TABLES_ADDR, acpi.blob)
+        e820 = [E820Entry(0, EBDA_START, E820_RAM),
+                E820Entry(EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED),
+                E820Entry(HIGH_MEMORY, low_end - HIGH_MEMORY, E820_RAM)]
+        for r in ram_layout(cfg.memory)[1:]:
+            e820.append(E820Entry(r.gpa, r.size, E820_RAM))
+        write(cpu_setup.BOOT_PARAMS_ADDR, build_boot_params(
+            e820=e820, cmdline_addr=cpu_setup.CMDLINE_ADDR, cmdline_len=len(cmdline),
+            initrd_addr=initrd_addr, initrd_size=initrd_size, rsdp_addr=acpi.rsdp_addr,
+            setup_header=kernel.setup_header))
+        write(cpu_setup.GDT_ADDR, cpu_setup.gdt_bytes())
+        for addr, data in cpu_setup.page_tables():
+            write(addr, data)
+        self._set_boot_cpu_state()
+
+    def _set_boot_cpu_state(self) -> None:
+        for vcpu, init in zip(self.vcpus, self._initial):
+            fd = vcpu.fd
+            fd.set_fpu(ffi.from_buffer("struct kvm_fpu *", bytearray(init.fpu)))
+            fd.set_msrs(init.msrs)
+            fd.set_lapic(init.lapic)
+            fd.set_vcpu_events(ffi.from_buffer("struct kvm_vcpu_events *", bytearray(init.events)))
+            sregs = ffi.from_buffer("struct kvm_sregs *", bytearray(init.sregs))
+            regs = ffi.from_buffer("struct kvm_regs *", bytearray(init.regs))
+            if vcpu.index == 0:
+                cpu_setup.setup_long_mode_sregs(sregs)
+                cpu_setup.setup_boot_regs(regs, self.kernel_info.entry)
+                fd.set_msrs(list(cpu_setup.BOOT_MSRS))
+            fd.set_sregs(sregs)
+            fd.set_regs(regs)
+            fd.set_mp_state(init.mp_state)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        """Boot and serve lifecycle requests until the machine ends; returns the exit code."""
+        self._install_kick_handler()
+        self._set_status("running")
+        for v in self.vcpus:
+            v.start()
+        try:
+            while True:
+                what, why = self._requests.get()
+                code = self._handle_request(what, why)
+                if code is not None:
+                    return code
+        finally:
+            self._stop_vcpus()
+
+    def _handle_request(self, what: str, why: str) -> int | None:
+        if what == "poweroff":
+            self._pause_vcpus()
+            self._set_status("shutdown")
+            self.emit("SHUTDOWN", {"guest": why == "guest", "reason": "guest-shutdown" if why == "guest" else why})
+            return EXIT_OK
+        if what == "quit":
+            self._pause_vcpus()
+            self._set_status("shutdown")
+            self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            return EXIT_OK
+        if what == "reset":
+            if self.config.no_reboot:
+                self._pause_vcpus()
+                self._set_status("shutdown")
+                self.emit("SHUTDOWN", {"guest": why == "guest", "reason": "guest-reset"})
+                return EXIT_OK
+            self._reset()
+            return None
+        if what == "panic":
+            self._pause_vcpus()
+            self._set_status("guest-panicked")
+            self.emit("GUEST_PANICKED", {"action": "pause", "info": why})
+            log.error("guest kernel panic (%s)", why)
+            self.last_error = f"guest kernel panic ({why})"
+            return EXIT_GUEST_ERROR
+        if what == "fatal":
+            self._pause_vcpus()
+            self._set_status("internal-error")
+            log.error("%s", why)
+            self.last_error = why
+            return EXIT_GUEST_ERROR
+        log.warning("unknown machine request %s", what)
+        return None
+
+    def _reset(self) -> None:
+        """Reboot in place: every vCPU and device back to power-on state, the kernel reloaded."""
+        self._pause_vcpus()
+        self.reset_count += 1
+        for state in self._irqchip_initial:
+            self.vm.set_irqchip(state)
+        self.serial0.reset()
+        self.serial1.reset()
+        for cb in list(self._reset_hooks):
+            cb()
+        self.ram.discard(0, self.ram.size)
+        self._load_guest()
+        self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+        self._resume_vcpus()
+        self._set_status("running")
+
+    def add_reset_hook(self, cb: Callable[[], None]) -> None:
+        """Devices register their power-on reset here (called with vCPUs parked)."""
+        self._reset_hooks.append(cb)
+
+    def _install_kick_handler(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # A handler (not SIG_DFL/SIG_IGN) is what makes KVM_RUN return EINTR on a kick.
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+    def _pause_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.pause()
+
+    def _resume_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.resume()
+
+    def _stop_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.stop()
+        for v in self.vcpus:
+            v.join(2.0)
+
+    # ------------------------------------------------------------------ requests
+    def request(self, what: str, why: str = "") -> None:
+        """Queue a lifecycle request; safe from any thread (vCPU, QMP, device)."""
+        self._requests.put((what, why))
+
+    # VcpuHost
+    def vcpu_request(self, vcpu: Vcpu, what: str) -> None:
+        self.request(what, "guest")
+        vcpu.pause()  # park this vCPU at once: it must not run past a reset/poweroff request
+
+    def vcpu_fatal(self, vcpu: Vcpu, reason: str) -> None:
+        self.request("fatal", reason)
+
+    def vcpu_msr_exit(self, vcpu: Vcpu, is_write: bool) -> None:
+        msr = vcpu.fd.run_ptr.msr
+        handler = self.msr_handlers.get(msr.index)
+        if handler is None:
+            msr.error = 1  # #GP, as real hardware does for an unknown MSR
+            return
+        try:
+            if is_write:
+                handler[1](vcpu.index, msr.data)
+            else:
+                msr.data = handler[0](vcpu.index)
+            msr.error = 0
+        except Exception:
+            log.exception("MSR %#x handler failed", msr.index)
+            msr.error = 1
+
+    def vcpu_emulation_failure(self, vcpu: Vcpu) -> bool:
+        fd = vcpu.fd
+        run = fd.run_ptr
+        internal = run.internal
+        failure = assist_mod.EmulationFailure(
+            internal.suberror, internal.ndata, tuple(internal.data[i] for i in range(min(internal.ndata, 16))))
+        with self._assist_lock:
+            regs = fd.get_regs()
+            sregs = fd.get_sregs()
+            cpu = assist_mod.CpuState.from_kvm(regs, sregs, fd.get_fpu())
+            try:
+                action = assist_mod.assist(failure, cpu, self.memory, self._symbols)
+            except assist_mod.AssistFailure as e:
+                self.assist_stats.record_failure(e)
+                self.request("fatal", f"vCPU {vcpu.index}: emulation failure the assist cannot complete: {e}")
+                return False
+            self._apply_assist(fd, regs, sregs, action)
+            self.assist_stats.record(action)
+        return True
+
+    def _apply_assist(self, fd: VcpuFd, regs, sregs, action) -> None:
+        for gpa, data in action.mem_writes:
+            self.memory.write(gpa, data)
+        if action.set_regs:
+            for name, value in action.set_regs.items():
+                setattr(regs, name, value)
+            fd.set_regs(regs)
+        if action.set_mxcsr is not None:
+            fpu = fd.get_fpu()
+            fpu.mxcsr = action.set_mxcsr
+            fd.set_fpu(fpu)
+        if action.set_cr2 is not None:
+            sregs.cr2 = action.set_cr2
+            fd.set_sregs(sregs)
+        if action.inject_exception is not None:
+            vector, error_code = action.inject_exception
+            ev = fd.get_vcpu_events()
+            ev.exception.injected = 1
+            ev.exception.nr = vector
+            ev.exception.has_error_code = 1 if error_code is not None else 0
+            ev.exception.error_code = error_code or 0
+            ev.flags = 0
+            fd.set_vcpu_events(ev)
+
+    # ------------------------------------------------------------------ control API
+    def status(self) -> str:
+        return self._status
+
+    def _set_status(self, status: str) -> None:
+        self._status = status
+
+    def pause(self) -> None:
+        if self._status == "running":
+            self._pause_vcpus()
+            self._set_status("paused")
+            self.emit("STOP", None)
+
+    def resume(self) -> None:
+        if self._status == "paused":
+            self._resume_vcpus()
+            self._set_status("running")
+            self.emit("RESUME", None)
+
+    def reset(self) -> None:
+        self.request("reset", "host-qmp-system-reset")
+
+    def quit(self) -> None:
+        self.request("quit", "host")
+
+    def powerdown(self) -> None:
+        self.emit("POWERDOWN", None)
+        self.request("poweroff", "host-qmp-system-powerdown")
+
+    def version(self) -> tuple[int, int, int]:
+        return VERSION
+
+    def add_event_listener(self, cb: Callable[[str, dict | None], None]) -> None:
+        self._listeners.append(cb)
+
+    def emit(self, event: str, data: dict | None) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, data)
+            except Exception:
+                log.exception("event listener failed on %s", event)
+
+    def stats(self) -> dict:
+        exits: dict[str, int] = {}
+        for v in self.vcpus:
+            for name, n in v.exit_stats().items():
+                exits[name] = exits.get(name, 0) + n
+        return {
+            "exits": exits,
+            "assists": self.assist_stats.as_dict(),
+            "pio": self.pio.stats(),
+            "mmio": self.mmio.stats(),
+            "vcpu-run-ns": [v.run_ns for v in self.vcpus],
+            "memslots": {"count": len(self.slots.slots()), "adds": self.slots.stats.adds,
+                         "removes": self.slots.stats.removes},
+            "resets": self.reset_count,
+            "uptime-s": round(time.monotonic() - self.started_at, 3),
+            "hidden-cpu-features": list(self._hidden_features),
+        }
+
+    def close(self) -> None:
+        self._stop_vcpus()
+        if self.serial1_port is not None:
+            self.serial1_port.close()
+        for v in self.vcpus:
+            v.fd.close()
+        self.vm.close()
+        self.kvm.close()
+        self.ram.close()
+
+
+def _stdout_writer() -> Callable[[bytes], None]:
+    fd = 1
+
+    def write(data: bytes) -> None:
+        try:
+            os.write(fd, data)
+        except OSError:
+            pass
+
+    return write

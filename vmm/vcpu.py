@@ -1,0 +1,203 @@
+"""One thread per vCPU: run KVM_RUN and hand each exit to the bus or the machine.
+
+The loop is the hot path, so it binds everything it touches to locals and counts exits in
+a plain list indexed by exit reason. Anything the loop cannot handle itself goes to the
+`VcpuHost` (the machine) as a one-call request, so this module knows nothing of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Protocol
+
+from bus import Bus
+from vmm import kvm_abi as abi
+from vmm.kvm import VcpuFd
+from vmm.kvm_abi import ffi
+
+log = logging.getLogger("pyvmm.vcpu")
+
+KICK_SIGNAL = signal.SIGUSR1
+MAX_EXIT_REASON = 64
+
+
+class VcpuHost(Protocol):
+    """What a vCPU needs from the machine."""
+
+    def vcpu_emulation_failure(self, vcpu: "Vcpu") -> bool: ...  # True: handled, keep running
+    def vcpu_msr_exit(self, vcpu: "Vcpu", is_write: bool) -> None: ...
+    def vcpu_fatal(self, vcpu: "Vcpu", reason: str) -> None: ...
+    def vcpu_request(self, vcpu: "Vcpu", what: str) -> None: ...  # "reset", "poweroff", "crash"
+
+
+class Vcpu:
+    def __init__(self, fd: VcpuFd, host: VcpuHost, pio: Bus, mmio: Bus, trace: bool = False) -> None:
+        self.fd = fd
+        self.index = fd.index
+        self.host = host
+        self.pio = pio
+        self.mmio = mmio
+        self.trace = trace
+        self.exit_counts = [0] * MAX_EXIT_REASON
+        self.run_ns = 0
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._paused = threading.Event()   # set while the loop is parked
+        self._pause_requested = False
+        self._resume = threading.Condition()
+
+    # --- control (from other threads) ---
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"vcpu{self.index}", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return promptly: immediate_exit covers the window before the ioctl."""
+        self.fd.run_ptr.immediate_exit = 1
+        t = self._thread
+        if t is not None and t.ident is not None and t.is_alive():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        with self._resume:
+            self._pause_requested = True
+        self.kick()
+        if threading.current_thread() is self._thread:
+            return True
+        return self._paused.wait(timeout)
+
+    def resume(self) -> None:
+        with self._resume:
+            self._pause_requested = False
+            self._resume.notify_all()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.resume()
+        self.kick()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused.is_set()
+
+    # --- the loop ---
+    def _park(self) -> None:
+        with self._resume:
+            while self._pause_requested and not self._stop:
+                self._paused.set()
+                self._resume.wait()
+            self._paused.clear()
+
+    def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except Exception as e:  # never leave a dead vCPU silently
+            log.exception("vCPU %d loop failed", self.index)
+            self.host.vcpu_fatal(self, f"vCPU {self.index} loop failed: {e}")
+        finally:
+            self._paused.set()
+
+    def _run_loop(self) -> None:
+        fd = self.fd
+        run = fd.run_ptr
+        base = fd.run_base
+        counts = self.exit_counts
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        kvm_run = fd.run
+        buffer = ffi.buffer
+        monotonic_ns = time.monotonic_ns
+        EXIT_IO, EXIT_MMIO, IO_OUT = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_IO_OUT
+        trace = self.trace
+        while not self._stop:
+            if self._pause_requested:
+                self._park()
+                continue
+            run.immediate_exit = 0
+            t0 = monotonic_ns()
+            ret = kvm_run()
+            self.run_ns += monotonic_ns() - t0
+            if ret < 0:  # kicked
+                continue
+            reason = run.exit_reason
+            counts[reason if reason < MAX_EXIT_REASON else 0] += 1
+            if reason == EXIT_IO:
+                io = run.io
+                size, count, port = io.size, io.count, io.port
+                ptr = base + io.data_offset
+                if trace:
+                    log.debug("vcpu%d io %s port=%#x size=%d count=%d", self.index,
+                              "out" if io.direction == IO_OUT else "in", port, size, count)
+                if io.direction == IO_OUT:
+                    if count == 1:
+                        pio_write(port, buffer(ptr, size)[:])
+                    else:
+                        data = buffer(ptr, size * count)[:]
+                        for i in range(0, size * count, size):
+                            pio_write(port, data[i:i + size])
+                else:
+                    for i in range(count):
+                        buffer(ptr + i * size, size)[:] = pio_read(port, size)
+            elif reason == EXIT_MMIO:
+                mmio = run.mmio
+                addr, length = mmio.phys_addr, mmio.len
+                if trace:
+                    log.debug("vcpu%d mmio %s addr=%#x len=%d", self.index,
+                              "write" if mmio.is_write else "read", addr, length)
+                if mmio.is_write:
+                    mmio_write(addr, buffer(mmio.data, length)[:])
+                else:
+                    buffer(mmio.data, length)[:] = mmio_read(addr, length)
+            else:
+                self._slow_exit(reason)
+
+    def _slow_exit(self, reason: int) -> None:
+        run = self.fd.run_ptr
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            if run.internal.suberror == abi.KVM_INTERNAL_ERROR_EMULATION and self.host.vcpu_emulation_failure(self):
+                return
+            if run.internal.suberror != abi.KVM_INTERNAL_ERROR_EMULATION:
+                data = [hex(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
+                self.host.vcpu_fatal(self, f"KVM internal error, suberror {run.internal.suberror}, data {data}")
+            self._stop = True
+        elif reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
+            self.host.vcpu_msr_exit(self, reason == abi.KVM_EXIT_X86_WRMSR)
+        elif reason == abi.KVM_EXIT_SHUTDOWN:
+            # A triple fault: real hardware resets the machine.
+            self.host.vcpu_request(self, "reset")
+        elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            what = {abi.KVM_SYSTEM_EVENT_SHUTDOWN: "poweroff", abi.KVM_SYSTEM_EVENT_RESET: "reset",
+                    abi.KVM_SYSTEM_EVENT_CRASH: "crash"}.get(kind)
+            if what:
+                self.host.vcpu_request(self, what)
+            else:
+                log.warning("vCPU %d: unknown system event %d", self.index, kind)
+        elif reason == abi.KVM_EXIT_HLT:
+            time.sleep(0.001)  # only without an in-kernel irqchip
+        elif reason in (abi.KVM_EXIT_INTR, abi.KVM_EXIT_IRQ_WINDOW_OPEN):
+            pass
+        elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+            self.host.vcpu_fatal(self, f"VM entry failed, hardware reason {run.fail_entry.hardware_entry_failure_reason:#x}")
+            self._stop = True
+        elif reason == abi.KVM_EXIT_MEMORY_FAULT:
+            mf = run.memory_fault
+            self.host.vcpu_fatal(self, f"guest memory fault at {mf.gpa:#x}+{mf.size:#x} (flags {mf.flags:#x})")
+            self._stop = True
+        else:
+            name = abi.EXIT_REASON_NAMES.get(reason, str(reason))
+            self.host.vcpu_fatal(self, f"unhandled KVM exit {name}")
+            self._stop = True
+
+    def exit_stats(self) -> dict[str, int]:
+        return {abi.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in enumerate(self.exit_counts) if n}
