@@ -42,42 +42,42 @@ class Bus:
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
-        # Parallel sorted lists, replaced as a whole on change so lookups need no lock.
-        self._bases: list[int] = []
-        self._ranges: list[BusRange] = []
-        self.unclaimed: Counter[int] = Counter()
+        # (sorted bases, ranges), replaced as one tuple on change so lookups need no lock.
+        self._table: tuple[list[int], list[BusRange]] = ([], [])
+        self.unclaimed: dict[int, int] = {}
         self.device_errors: Counter[str] = Counter()
 
     def register(self, base: int, size: int, device: BusDevice, name: str) -> BusRange:
         if size <= 0 or base < 0:
             raise ValueError(f"{self.name}: bad range {base:#x}+{size:#x} for {name}")
         with self._lock:
-            i = bisect.bisect_right(self._bases, base)
-            for neighbour in self._ranges[max(i - 1, 0):i + 1]:
+            bases, ranges = self._table
+            i = bisect.bisect_right(bases, base)
+            for neighbour in ranges[max(i - 1, 0):i + 1]:
                 if neighbour.base < base + size and base < neighbour.end:
                     raise BusOverlapError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps "
                                           f"{neighbour.name} at {neighbour.base:#x}+{neighbour.size:#x}")
             r = BusRange(base, size, device, name)
-            self._bases = self._bases[:i] + [base] + self._bases[i:]
-            self._ranges = self._ranges[:i] + [r] + self._ranges[i:]
+            self._table = (bases[:i] + [base] + bases[i:], ranges[:i] + [r] + ranges[i:])
             return r
 
     def unregister(self, r: BusRange) -> None:
         with self._lock:
-            i = self._ranges.index(r)
-            self._bases = self._bases[:i] + self._bases[i + 1:]
-            self._ranges = self._ranges[:i] + self._ranges[i + 1:]
+            bases, ranges = self._table
+            i = ranges.index(r)
+            self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
 
     def find(self, addr: int) -> BusRange | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            r = self._ranges[i]
+            r = ranges[i]
             if addr < r.base + r.size:
                 return r
         return None
 
     def ranges(self) -> list[BusRange]:
-        return list(self._ranges)
+        return list(self._table[1])
 
     def read(self, addr: int, size: int) -> bytes:
         r = self.find(addr)
@@ -102,9 +102,9 @@ class Bus:
             self._device_error(r, addr, "write")
 
     def _unclaimed(self, addr: int, kind: str, size: int) -> None:
-        first = addr not in self.unclaimed
-        self.unclaimed[addr] += 1
-        if first:
+        n = self.unclaimed.get(addr, 0)
+        self.unclaimed[addr] = n + 1
+        if not n:
             log.info("%s: unclaimed %d-byte %s at %#x (logged once per address)", self.name, size, kind, addr)
 
     def _device_error(self, r: BusRange, addr: int, kind: str) -> None:

@@ -33,7 +33,7 @@ def _add(leaf: int, subleaf: int | None, reg: str, bits: dict[str, int]) -> None
         FEATURES[name] = Feature(leaf, subleaf, reg, bit)
 
 
-_add(1, None, ECX, {"sse3": 0, "pclmulqdq": 1, "monitor": 3, "vmx": 5, "ssse3": 9, "fma": 12, "cx16": 13,
+_add(1, None, ECX, {"pni": 0, "pclmulqdq": 1, "monitor": 3, "vmx": 5, "ssse3": 9, "fma": 12, "cx16": 13,
                     "pcid": 17, "sse4_1": 19, "sse4_2": 20, "x2apic": 21, "movbe": 22, "popcnt": 23,
                     "tsc_deadline_timer": 24, "aes": 25, "xsave": 26, "osxsave": 27, "avx": 28, "f16c": 29,
                     "rdrand": 30, "hypervisor": 31})
@@ -67,6 +67,49 @@ EMULATOR_UNSAFE = (
 )
 DEFAULT_MASK = VEX_ENCODED + EMULATOR_UNSAFE
 
+# child -> parent: Linux clears the child itself when the parent is cleared (cpuid-deps.c),
+# or the child cannot execute without the parent's XCR0 state. Omitting implied names keeps
+# clearcpuid= short: Linux reads at most 127 characters of it.
+IMPLIED_BY = {
+    "avx": "xsave", "osxsave": "xsave", "pku": "xsave", "fma": "avx", "vaes": "avx", "vpclmulqdq": "avx",
+    "avx2": "avx", "avx512f": "avx", "f16c": "avx", "avx_vnni": "avx", "xop": "avx", "fma4": "avx",
+    "amx_tile": "xsave", "amx_bf16": "amx_tile", "amx_int8": "amx_tile",
+    **{name: "avx512f" for name in FEATURES if name.startswith("avx512") and name != "avx512f"},
+}
+# Most important first: the features a Linux guest kernel itself uses on its boot path.
+CLEARCPUID_PRIORITY = ("xsave", "bmi1", "bmi2", "popcnt", "movbe", "rdrand", "rdseed", "cx16", "smap",
+                       "fsgsbase", "invpcid", "pcid", "rdpid", "waitpkg", "la57", "adx", "sha_ni", "gfni",
+                       "movdiri", "movdir64b", "tbm")
+CLEARCPUID_MAX = 127
+
+
+def clearcpuid_names(hidden: list[str] | frozenset[str]) -> tuple[list[str], list[str]]:
+    """(names for clearcpuid=, names that did not fit); implied features are left out."""
+    hidden = set(hidden)
+
+    def implied(name: str) -> bool:
+        parent = IMPLIED_BY.get(name)
+        while parent is not None:
+            if parent in hidden:
+                return True
+            parent = IMPLIED_BY.get(parent)
+        return False
+
+    wanted = [n for n in hidden if not implied(n)]
+    rank = {n: i for i, n in enumerate(CLEARCPUID_PRIORITY)}
+    wanted.sort(key=lambda n: (rank.get(n, len(rank)), n))
+    chosen: list[str] = []
+    length = -1  # no comma before the first name
+    dropped = []
+    for name in wanted:
+        if length + 1 + len(name) <= CLEARCPUID_MAX:
+            chosen.append(name)
+            length += 1 + len(name)
+        else:
+            dropped.append(name)
+    return chosen, dropped
+
+
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
 TIMING_LEAF = 0x40000010  # eax = TSC kHz, ebx = APIC bus kHz (the VMware/QEMU convention)
@@ -82,34 +125,29 @@ class CpuidPolicy:
     """Which features to hide. Parsed from --cpu-features."""
 
     hide: frozenset[str] = frozenset(DEFAULT_MASK)
-    force_on: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, spec: str | None) -> "CpuidPolicy":
-        """'default', 'host', or a comma list like 'default,+popcnt,-sse4_2' ('+' unhides, '-' hides)."""
-        if spec is None:
-            return cls()
-        hide: set[str] = set()
-        force: set[str] = set()
-        for item in (s.strip() for s in spec.split(",")):
+        """'default', 'host', or a comma list like 'default,+popcnt,-sse4_2'.
+
+        Items apply left to right on top of the default mask: 'host' clears the mask,
+        'default' restores it, '+name' unhides a feature and '-name' hides one.
+        """
+        hide: set[str] = set(DEFAULT_MASK)
+        for item in (s.strip() for s in (spec or "").split(",")):
             if not item:
                 continue
             if item == "default":
-                hide |= set(DEFAULT_MASK)
+                hide = set(DEFAULT_MASK)
             elif item == "host":
                 hide.clear()
             elif item[0] in "+-" and item[1:] in FEATURES:
-                name = item[1:]
-                if item[0] == "-":
-                    hide.add(name)
-                    force.discard(name)
-                else:
-                    hide.discard(name)
+                (hide.discard if item[0] == "+" else hide.add)(item[1:])
             elif item[0] in "+-":
                 raise CpuFeatureError(f"unknown CPU feature {item[1:]!r} in --cpu-features")
             else:
                 raise CpuFeatureError(f"bad --cpu-features item {item!r}: use default, host, +name or -name")
-        return cls(frozenset(hide), frozenset(force))
+        return cls(frozenset(hide))
 
 
 def _entry(entries: list[dict], leaf: int, subleaf: int | None) -> dict | None:
@@ -121,19 +159,22 @@ def _entry(entries: list[dict], leaf: int, subleaf: int | None) -> dict | None:
 
 def apply_policy(supported: list[dict], policy: CpuidPolicy, *, tsc_khz: int = 0,
                  tsc_deadline: bool = False) -> tuple[list[dict], list[str]]:
-    """Returns the masked template and the names of features actually hidden (for clearcpuid=)."""
+    """Returns the masked template and the names of the hidden features (for clearcpuid=)."""
     entries = [dict(e) for e in supported]
     hidden: list[str] = []
     for name in sorted(policy.hide):
         f = FEATURES[name]
         e = _entry(entries, f.leaf, f.subleaf)
-        if e and e[f.reg] & (1 << f.bit):
+        if e:
             e[f.reg] &= ~(1 << f.bit)
-            hidden.append(name)
+        # Named even when KVM did not report it: a KVM that ignores CPUID masking may still
+        # let the guest see the host's bit, and only clearcpuid= then hides it.
+        hidden.append(name)
     leaf1 = _entry(entries, 1, None)
     if leaf1:
-        leaf1[ECX] |= 1 << FEATURES["hypervisor"].bit
-        if tsc_deadline:
+        if "hypervisor" not in policy.hide:
+            leaf1[ECX] |= 1 << FEATURES["hypervisor"].bit
+        if tsc_deadline and "tsc_deadline_timer" not in policy.hide:
             leaf1[ECX] |= 1 << FEATURES["tsc_deadline_timer"].bit
     if "xsave" in policy.hide:
         # Without XSAVE the XSAVE state leaf must not advertise AVX/AVX-512 state either.

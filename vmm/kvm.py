@@ -255,6 +255,7 @@ class VcpuFd:
         self.index = index
         self._mm = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mm_ptr = ffi.from_buffer(self._mm)
+        self.run_mapping = self._mm
         self.run_ptr = ffi.cast("struct kvm_run *", self._mm_ptr)
         # The PIO data area lives inside the same mapping at run.io.data_offset.
         self.run_base = self._mm_ptr
@@ -294,6 +295,17 @@ class VcpuFd:
 
     def set_fpu(self, fpu) -> None:
         _ioctl(self.fd, abi.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def get_xsave(self) -> bytearray:
+        """The legacy 4 KiB XSAVE image (MXCSR lives here: KVM_GET_FPU leaves it zero on some hosts)."""
+        buf = ffi.new("struct kvm_xsave *")
+        _ioctl(self.fd, abi.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return bytearray(ffi.buffer(buf))
+
+    def set_xsave(self, image: bytes) -> None:
+        buf = ffi.new("struct kvm_xsave *")
+        ffi.buffer(buf)[:] = image
+        _ioctl(self.fd, abi.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
 
     def get_lapic(self) -> bytes:
         st = ffi.new("struct kvm_lapic_state *")

@@ -80,6 +80,10 @@ ffi.cdef(
         uint32_t pad2;
     };
 
+    struct kvm_xsave {
+        uint32_t region[1024];
+    };
+
     struct kvm_lapic_state {
         char regs[1024];
     };
@@ -420,6 +424,8 @@ KVM_GET_MP_STATE = _IOR(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _IOW(0x99, "struct kvm_mp_state")
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, "struct kvm_vcpu_events")
+KVM_GET_XSAVE = _IOR(0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _IOW(0xA5, "struct kvm_xsave")
 KVM_SET_TSC_KHZ = _IO(0xA2)
 KVM_GET_TSC_KHZ = _IO(0xA3)
 

@@ -22,6 +22,7 @@ from bus import Bus
 from devices.acpi_pm import AcpiPmRegisters, I8042ResetPort
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
+from firmware import aml
 from firmware.acpi import AcpiConfig, AcpiDevice, build_acpi
 from vmm import assist as assist_mod
 from vmm import cpuid
@@ -53,6 +54,13 @@ HIGH_MEMORY = 0x100000
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_CPUS = 8
+
+# The ACPI Generic Event Device signals the power button on this IOAPIC pin (above the ISA
+# range, so no legacy device or PIC routing can collide with it).
+GED_GSI = 23
+GED_HID = "ACPI0013"
+POWER_BUTTON_HID = "PNP0C0C"
+ACPI_NOTIFY_BUTTON_PRESSED = 0x80
 
 EXIT_OK = 0
 EXIT_GUEST_ERROR = 1
@@ -181,8 +189,13 @@ class Machine:
         self.pio.register(I8042_COMMAND_PORT, 1, I8042ResetPort(lambda: self.request("reset", "guest")), "i8042")
         self.pvpanic = PvPanic(lambda events: self.request("panic", f"pvpanic events {events:#x}"))
         self.pio.register(PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
+        self.ged_irq = KvmIrqLine(self.vm, GED_GSI)
         self.acpi_devices: list[AcpiDevice] = [
             AcpiDevice(name="PEVT", hid=PVPANIC_ACPI_HID, io=[(PVPANIC_PORT, 1)]),
+            AcpiDevice(name="PWRB", hid=POWER_BUTTON_HID),
+            # One event: every GED interrupt is a power-button press.
+            AcpiDevice(name="GED0", hid=GED_HID, irqs=[GED_GSI], extra=[
+                aml.Method("_EVT", [aml.Notify("\\_SB_.PWRB", ACPI_NOTIFY_BUTTON_PRESSED)], args=1)]),
         ]
 
     def _cpuid_template_for(self, cfg: MachineConfig) -> tuple[list[dict], list[str]]:
@@ -225,8 +238,11 @@ class Machine:
             return cfg.cmdline
         parts = ["console=ttyS0", "reboot=acpi", "tsc=reliable", "memhp_default_state=online_movable"]
         parts += host_kernel_params()
-        if self._hidden_features:
-            parts.append("clearcpuid=" + ",".join(self._hidden_features))
+        names, dropped = cpuid.clearcpuid_names(self._hidden_features)
+        if names:
+            parts.append("clearcpuid=" + ",".join(names))
+        if dropped:
+            log.info("clearcpuid= has no room for %s: they are hidden in CPUID only", ",".join(dropped))
         parts += cfg.extra_cmdline
         if cfg.append:
             parts.append(cfg.append)
@@ -323,7 +339,7 @@ class Machine:
                 self._set_status("shutdown")
                 self.emit("SHUTDOWN", {"guest": why == "guest", "reason": "guest-reset"})
                 return EXIT_OK
-            self._reset()
+            self._reset(why)
             return None
         if what == "panic":
             self._pause_vcpus()
@@ -341,7 +357,7 @@ class Machine:
         log.warning("unknown machine request %s", what)
         return None
 
-    def _reset(self) -> None:
+    def _reset(self, why: str) -> None:
         """Reboot in place: every vCPU and device back to power-on state, the kernel reloaded."""
         self._pause_vcpus()
         self.reset_count += 1
@@ -353,7 +369,7 @@ class Machine:
             cb()
         self.ram.discard(0, self.ram.size)
         self._load_guest()
-        self.emit("RESET", {"guest": True, "reason": "guest-reset"})
+        self.emit("RESET", {"guest": why == "guest", "reason": "guest-reset" if why == "guest" else why})
         self._resume_vcpus()
         self._set_status("running")
 
@@ -418,7 +434,7 @@ class Machine:
         with self._assist_lock:
             regs = fd.get_regs()
             sregs = fd.get_sregs()
-            cpu = assist_mod.CpuState.from_kvm(regs, sregs, fd.get_fpu())
+            cpu = assist_mod.CpuState.from_kvm(regs, sregs, bytes(fd.get_xsave()))
             try:
                 action = assist_mod.assist(failure, cpu, self.memory, self._symbols)
             except assist_mod.AssistFailure as e:
@@ -437,9 +453,9 @@ class Machine:
                 setattr(regs, name, value)
             fd.set_regs(regs)
         if action.set_mxcsr is not None:
-            fpu = fd.get_fpu()
-            fpu.mxcsr = action.set_mxcsr
-            fd.set_fpu(fpu)
+            xsave = fd.get_xsave()
+            assist_mod.set_mxcsr_in_xsave(xsave, action.set_mxcsr)
+            fd.set_xsave(xsave)
         if action.set_cr2 is not None:
             sregs.cr2 = action.set_cr2
             fd.set_sregs(sregs)
@@ -479,8 +495,9 @@ class Machine:
         self.request("quit", "host")
 
     def powerdown(self) -> None:
+        """Press the ACPI power button; the guest decides how to shut down (as on QEMU)."""
         self.emit("POWERDOWN", None)
-        self.request("poweroff", "host-qmp-system-powerdown")
+        self.ged_irq.pulse()
 
     def version(self) -> tuple[int, int, int]:
         return VERSION
@@ -505,7 +522,7 @@ class Machine:
             "assists": self.assist_stats.as_dict(),
             "pio": self.pio.stats(),
             "mmio": self.mmio.stats(),
-            "vcpu-run-ns": [v.run_ns for v in self.vcpus],
+            "vcpu-run-ns": [v.run_time_ns() for v in self.vcpus],
             "memslots": {"count": len(self.slots.slots()), "adds": self.slots.stats.adds,
                          "removes": self.slots.stats.removes},
             "resets": self.reset_count,

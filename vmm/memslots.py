@@ -79,7 +79,7 @@ class MemslotManager:
         self._listeners.append(cb)
 
     def add(self, gpa: int, size: int, mapping: HostMapping, offset: int, owner: str, flags: int = 0) -> Memslot:
-        if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE or offset % PAGE_SIZE:
+        if size <= 0 or gpa < 0 or offset < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE or offset % PAGE_SIZE:
             raise MemslotError(f"memslot {gpa:#x}+{size:#x} is not page aligned")
         if offset + size > mapping.size:
             raise MemslotError(f"memslot {gpa:#x}+{size:#x} exceeds its host mapping")

@@ -84,12 +84,17 @@ def _load_elf(path: Path, data: bytes, write: Writer, ram_limit: int) -> LoadedK
             raise KernelImageError(f"{path} needs guest memory up to {end:#x}, but low RAM ends at {ram_limit:#x}")
         for seg in segments:
             paddr, filesz, memsz = seg["p_paddr"], seg["p_filesz"], seg["p_memsz"]
+            if filesz > memsz:
+                raise KernelImageError(f"{path} is a damaged ELF file: a segment's file size exceeds its memory size")
             if filesz:
-                write(paddr, seg.data())
+                body = seg.data()
+                if len(body) != filesz:
+                    raise KernelImageError(f"{path} is truncated: a segment needs {filesz} bytes, the file has {len(body)}")
+                write(paddr, body)
             if memsz > filesz:  # bss: zero it explicitly, RAM may hold a previous boot
                 write(paddr + filesz, bytes(memsz - filesz))
         entry = elf["e_entry"]
-    except ELFError as e:
+    except (ELFError, OverflowError, ValueError) as e:
         raise KernelImageError(f"{path} is a damaged ELF file: {e}") from None
     if not start <= entry < end:
         raise KernelImageError(f"{path}: entry point {entry:#x} lies outside the loaded image; is this a vmlinux?")

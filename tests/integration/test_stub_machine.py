@@ -1,0 +1,234 @@
+"""The whole VMM on real KVM with hand-assembled stub kernels (tests/stubkernel.py).
+
+Each test boots a stub that talks to the machine only through port I/O, through the
+`pyvmm run` command line or through `pyvmm.VM` and QMP, so a run takes about half a
+second. Skipped only where /dev/kvm is missing or not readable and writable.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyvmm import VM
+from tests import stubkernel
+
+KVM = "/dev/kvm"
+if not os.path.exists(KVM):
+    _skip_reason = f"{KVM} does not exist on this host"
+elif not os.access(KVM, os.R_OK | os.W_OK):
+    _skip_reason = f"{KVM} is not readable and writable by this user (os.access R_OK|W_OK failed)"
+else:
+    _skip_reason = ""
+pytestmark = pytest.mark.skipif(bool(_skip_reason), reason=_skip_reason)
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_USAGE = 2
+CLI_TIMEOUT = 60  # generous: a shared 2-core machine; a normal run takes under a second
+EVENT_TIMEOUT = 10
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "pyvmm.cli", "run", *args], cwd=REPO, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT)
+
+
+def assert_clean(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def hello(tmp_path: Path) -> Path:
+    return stubkernel.hello_poweroff(tmp_path / "hello.elf")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_hello_prints_and_powers_off(hello: Path) -> None:
+    proc = run_cli("--kernel", str(hello), "--memory", "64M")
+    assert_clean(proc)
+    assert proc.stdout == b"hi\n"
+
+
+def test_reset_with_no_reboot_exits_zero(tmp_path: Path) -> None:
+    stub = stubkernel.write_stub(tmp_path / "reset.elf", stubkernel.print_code(b"R") + stubkernel.reset_code())
+    proc = run_cli("--kernel", str(stub), "--memory", "64M", "--no-reboot")
+    assert_clean(proc)
+    assert proc.stdout == b"R", "the guest must not run again after its reset"
+
+
+def test_i8042_reset_with_no_reboot_exits_zero(tmp_path: Path) -> None:
+    code = stubkernel.print_code(b"K") + stubkernel.out_code(0x64, 0xFE) + stubkernel.HLT_LOOP
+    stub = stubkernel.write_stub(tmp_path / "kbdreset.elf", code)
+    proc = run_cli("--kernel", str(stub), "--memory", "64M", "--no-reboot")
+    assert_clean(proc)
+    assert proc.stdout == b"K"
+
+
+def test_two_vcpus_still_boot(hello: Path) -> None:
+    proc = run_cli("--kernel", str(hello), "--memory", "64M", "--cpus", "2")
+    assert_clean(proc)
+    assert proc.stdout == b"hi\n"
+
+
+def test_memory_above_the_hole_still_boots(hello: Path) -> None:
+    proc = run_cli("--kernel", str(hello), "--memory", "3200M")  # 128 MiB of it from 4 GiB up
+    assert_clean(proc)
+    assert proc.stdout == b"hi\n"
+
+
+def test_int3_is_delivered_to_the_guest_idt(tmp_path: Path) -> None:
+    """The #BP handler prints B and returns after the int3; then A; then power-off.
+
+    "BA" proves #BP reached the guest's IDT with the return RIP after the int3 (a wrong
+    RIP loops printing B, or skips A); on PVM this goes through the emulation assist.
+    """
+    stub = stubkernel.write_stub(tmp_path / "int3.elf", stubkernel.int3_code())
+    proc = run_cli("--kernel", str(stub), "--memory", "64M")
+    assert_clean(proc)
+    assert proc.stdout == b"BA"
+
+
+def _damaged_elf(tmp_path: Path) -> Path:
+    image = bytearray(stubkernel.elf(stubkernel.poweroff_code()))
+    struct.pack_into("<Q", image, 64 + 8, 1 << 63)  # program header p_offset far beyond any file
+    path = tmp_path / "damaged.elf"
+    path.write_bytes(bytes(image))
+    return path
+
+
+USAGE_ERRORS = {
+    "too-many-cpus": lambda tmp, hello: ["--kernel", str(hello), "--cpus", "9"],
+    "bad-memory-size": lambda tmp, hello: ["--kernel", str(hello), "--memory", "12Q"],
+    "missing-kernel": lambda tmp, hello: ["--kernel", str(tmp / "nosuch")],
+    "text-file-kernel": lambda tmp, hello: ["--kernel", str(_text_file(tmp))],
+    "unknown-cpu-feature": lambda tmp, hello: ["--kernel", str(hello), "--cpu-features", "+nosuch"],
+    "directory-kernel": lambda tmp, hello: ["--kernel", str(tmp)],
+    "damaged-elf-kernel": lambda tmp, hello: ["--kernel", str(_damaged_elf(tmp))],
+}
+
+
+def _text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "README.txt"
+    path.write_text("not a kernel\n")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, hello: Path, case: str) -> None:
+    proc = run_cli(*USAGE_ERRORS[case](tmp_path, hello))
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == EXIT_USAGE, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyvmm: error:"), err
+    assert proc.stdout == b""
+
+
+# ------------------------------------------------------------------------------ pyvmm.VM + QMP
+
+
+def _vm(stub: Path) -> VM:
+    return VM(memory="64M", kernel=stub, agent=False, boot_timeout=30)
+
+
+def _status(vm: VM) -> dict:
+    return vm.qmp.execute("query-status")
+
+
+def _console_len_settled(vm: VM, quiet: float = 0.3, timeout: float = 5.0) -> int:
+    """Console length once no output has arrived for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last = vm.console_offset
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = vm.console_offset
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the console never went quiet")
+
+
+def test_qmp_pause_resume_reset_quit(tmp_path: Path) -> None:
+    """A guest that writes '.' to the UART forever: its output shows when it runs."""
+    code = (stubkernel.print_code(b"up\n") + stubkernel.out_code(stubkernel.UNCLAIMED_PORT, 0x42, times=3)
+            + stubkernel.console_flood_code())
+    stub = stubkernel.write_stub(tmp_path / "flood.elf", code)
+    with _vm(stub) as vm:
+        vm.wait_console(r"up\n\.{100}", timeout=EVENT_TIMEOUT)
+        assert (_status(vm)["status"], _status(vm)["running"]) == ("running", True)
+        stats = vm.qmp.execute("query-vm-stats")
+        assert stats["exits"]["io"] > 100
+        assert stats["pio"]["unclaimed-accesses"] == 3 and stats["pio"]["unclaimed-addresses"] == 1
+
+        vm.qmp.execute("stop")
+        vm.qmp.wait_event("STOP", EVENT_TIMEOUT)
+        assert (_status(vm)["status"], _status(vm)["running"]) == ("paused", False)
+        paused_at = _console_len_settled(vm)
+        io_paused = vm.qmp.execute("query-vm-stats")["exits"]["io"]
+        time.sleep(0.5)
+        assert vm.console_offset == paused_at, "a paused guest kept writing"
+        assert vm.qmp.execute("query-vm-stats")["exits"]["io"] == io_paused
+
+        vm.qmp.execute("cont")
+        vm.qmp.wait_event("RESUME", EVENT_TIMEOUT)
+        assert _status(vm)["status"] == "running"
+        vm.wait_console(r"\.{100}", timeout=EVENT_TIMEOUT, start=paused_at)
+
+        before_reset = vm.console_offset
+        vm.qmp.execute("system_reset")
+        vm.qmp.wait_event("RESET", EVENT_TIMEOUT)
+        vm.wait_console(r"up\n", timeout=EVENT_TIMEOUT, start=before_reset)  # the stub ran again
+        assert _status(vm)["status"] == "running"
+        assert vm.qmp.execute("query-vm-stats")["resets"] == 1
+
+        assert vm.qmp.execute("quit") == {}
+        assert vm.wait_exit(EVENT_TIMEOUT) == 0
+
+
+def test_qmp_system_reset_event_says_who_reset(tmp_path: Path) -> None:
+    """As in QEMU, a QMP system_reset is reported as a host request, not a guest reset."""
+    stub = stubkernel.write_stub(tmp_path / "idle.elf", stubkernel.print_code(b"up\n") + stubkernel.HLT_LOOP)
+    with _vm(stub) as vm:
+        vm.wait_console(r"up\n", timeout=EVENT_TIMEOUT)
+        vm.qmp.execute("system_reset")
+        event = vm.qmp.wait_event("RESET", EVENT_TIMEOUT)
+        assert event["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+
+
+def test_guest_reset_reboots_the_stub(tmp_path: Path) -> None:
+    stub = stubkernel.write_stub(tmp_path / "reboot.elf", stubkernel.print_code(b"boot\n") + stubkernel.reset_code())
+    with _vm(stub) as vm:
+        for _ in range(2):
+            event = vm.qmp.wait_event("RESET", EVENT_TIMEOUT)
+            assert event["data"]["guest"] is True
+        vm.wait_console(r"(boot\n){3}", timeout=EVENT_TIMEOUT)
+        assert vm.qmp.execute("query-vm-stats")["resets"] >= 2
+        vm.qmp.execute("quit")
+        assert vm.wait_exit(EVENT_TIMEOUT) == 0
+
+
+def test_int3_assist_is_counted(tmp_path: Path) -> None:
+    """On a host whose KVM emulates CPL0 code (PVM), int3 reaches the assist: one completion
+    and one injected #BP. On VMX/SVM int3 runs natively and never exits."""
+    code = stubkernel.int3_code(then=stubkernel.print_code(b"\n") + stubkernel.HLT_LOOP)
+    stub = stubkernel.write_stub(tmp_path / "int3-alive.elf", code)
+    with _vm(stub) as vm:
+        vm.wait_console(r"BA\n", timeout=EVENT_TIMEOUT)
+        assists = vm.qmp.execute("query-vm-stats")["assists"]
+        if not Path("/sys/module/kvm_pvm").exists():
+            assert assists.get("int3", 0) == 0
+            pytest.skip("this host's KVM runs int3 natively: no assist to count")
+        assert assists.get("int3") == 1 and assists.get("inject:#BP") == 1, assists
+        assert assists.get("failed", 0) == 0
+        assert vm.console_text.count("B") == 1
