@@ -46,6 +46,7 @@ VERSION = (0, 1, 0)
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 COM2_PORT, COM2_IRQ = 0x2F8, 3
 UART_PORTS = 8
+UART_ACPI_HID = "PNP0501"  # 16550A-compatible COM port
 ACPI_PM_PORT = 0x600
 I8042_COMMAND_PORT = 0x64
 ACPI_TABLES_ADDR = 0xE0000
@@ -191,6 +192,10 @@ class Machine:
         self.pio.register(PVPANIC_PORT, 1, self.pvpanic, "pvpanic")
         self.ged_irq = KvmIrqLine(self.vm, GED_GSI)
         self.acpi_devices: list[AcpiDevice] = [
+            # A hardware-reduced ACPI guest sets up no legacy PIC, so Linux maps ISA IRQs only
+            # for devices the DSDT describes: the UARTs must be listed with their interrupts.
+            AcpiDevice(name="COM1", hid=UART_ACPI_HID, uid=1, io=[(COM1_PORT, UART_PORTS)], irqs=[COM1_IRQ]),
+            AcpiDevice(name="COM2", hid=UART_ACPI_HID, uid=2, io=[(COM2_PORT, UART_PORTS)], irqs=[COM2_IRQ]),
             AcpiDevice(name="PEVT", hid=PVPANIC_ACPI_HID, io=[(PVPANIC_PORT, 1)]),
             AcpiDevice(name="PWRB", hid=POWER_BUTTON_HID),
             # One event: every GED interrupt is a power-button press.
