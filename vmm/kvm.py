@@ -232,6 +232,16 @@ class VmFd:
             flt.ranges[i].bitmap = bm
         _ioctl(self.fd, abi.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
 
+    def get_clock(self) -> int:
+        """The kvmclock value (ns) the guest sees now."""
+        data = ffi.new("struct kvm_clock_data *")
+        _ioctl(self.fd, abi.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data.clock
+
+    def set_clock(self, clock: int) -> None:
+        data = ffi.new("struct kvm_clock_data *", {"clock": clock})
+        _ioctl(self.fd, abi.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
     def create_vcpu(self, index: int) -> "VcpuFd":
         fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, _int_arg(index), "KVM_CREATE_VCPU")
         return VcpuFd(self, fd, index)

@@ -234,6 +234,15 @@ ffi.cdef(
         uint64_t exception_payload;
     };
 
+    struct kvm_clock_data {
+        uint64_t clock;
+        uint32_t flags;
+        uint32_t pad0;
+        uint64_t realtime;
+        uint64_t host_tsc;
+        uint32_t pad[4];
+    };
+
     struct kvm_mp_state {
         uint32_t mp_state;
     };
@@ -405,6 +414,8 @@ KVM_IRQFD = _IOW(0x76, "struct kvm_irqfd")
 KVM_CREATE_PIT2 = _IOW(0x77, "struct kvm_pit_config")
 KVM_IOEVENTFD = _IOW(0x79, "struct kvm_ioeventfd")
 KVM_SIGNAL_MSI = _IOW(0xA5, "struct kvm_msi")
+KVM_SET_CLOCK = _IOW(0x7B, "struct kvm_clock_data")
+KVM_GET_CLOCK = _IOR(0x7C, "struct kvm_clock_data")
 KVM_ENABLE_CAP = _IOW(0xA3, "struct kvm_enable_cap")
 KVM_X86_SET_MSR_FILTER = _IOW(0xC6, "struct kvm_msr_filter")
 # vCPU ioctls
@@ -457,6 +468,9 @@ KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_MEMORY_FAULT_INFO = 232
+KVM_CAP_ADJUST_CLOCK = 39
+
+MSR_IA32_TSC = 0x10
 
 # exit reasons (kvm_run.exit_reason)
 KVM_EXIT_UNKNOWN = 0

@@ -128,6 +128,8 @@ class Machine:
         self.reset_count = 0
         self.last_error: str | None = None
         self._reset_hooks: list[Callable[[], None]] = []
+        self._frozen_tsc: list[int] | None = None
+        self._frozen_clock: int | None = None
         self.msr_handlers: dict[int, tuple[Callable[[int], int], Callable[[int, int], None]]] = {}
         self._symbols = Symbols.load(config.system_map) if config.system_map else None
         self.started_at = time.monotonic()
@@ -484,14 +486,37 @@ class Machine:
     def pause(self) -> None:
         if self._status == "running":
             self._pause_vcpus()
+            self._freeze_guest_time()
             self._set_status("paused")
             self.emit("STOP", None)
 
     def resume(self) -> None:
         if self._status == "paused":
+            self._thaw_guest_time()
             self._resume_vcpus()
             self._set_status("running")
             self.emit("RESUME", None)
+
+    def _freeze_guest_time(self) -> None:
+        """Remember each vCPU's TSC and the kvmclock, so a paused guest sees no time pass."""
+        try:
+            self._frozen_tsc = [v.fd.get_msrs([abi.MSR_IA32_TSC])[0].data for v in self.vcpus]
+            self._frozen_clock = self.vm.get_clock() if self.kvm.check_extension(abi.KVM_CAP_ADJUST_CLOCK) else None
+        except (KvmError, IndexError) as e:
+            log.warning("cannot save guest time on pause: %s", e)
+            self._frozen_tsc, self._frozen_clock = None, None
+
+    def _thaw_guest_time(self) -> None:
+        if self._frozen_tsc is None:
+            return
+        try:
+            for v, tsc in zip(self.vcpus, self._frozen_tsc):
+                v.fd.set_msrs([(abi.MSR_IA32_TSC, tsc)])
+            if self._frozen_clock is not None:
+                self.vm.set_clock(self._frozen_clock)
+        except KvmError as e:
+            log.warning("cannot restore guest time on resume: %s", e)
+        self._frozen_tsc = None
 
     def reset(self) -> None:
         self.request("reset", "host-qmp-system-reset")

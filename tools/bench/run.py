@@ -1,0 +1,91 @@
+"""`make bench`: run every benchmark, print the tables, and write docs/benchmarks.md.
+
+Each table shows pyvmm and its peer measured in the same run, with the ratio. Hosts here
+are shared and noisy (±20–30 %): compare ratios from one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import boot  # noqa: E402
+import exit_loop  # noqa: E402
+
+from vmm.hostinfo import host_is_pvm  # noqa: E402
+
+MANUAL_SECTION_MARK = "<!-- manual records below are kept across `make bench` runs -->"
+
+
+def machine_note() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kvm = "PVM (kvm_pvm: guest kernel code is interpreted)" if host_is_pvm() else "KVM (hardware virtualization)"
+    return (f"{os.cpu_count()} CPUs ({cpu}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
+            f"host kernel {platform.release()}, {kvm}; load average at start {os.getloadavg()[0]:.2f}")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", type=Path, help="write the markdown report here")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+
+    sections = []
+    print("exit loop: pyvmm vs a C loop …", flush=True)
+    el = exit_loop.run(repeat=max(args.repeat, 3))
+    sections.append("## vCPU exit loop (µs per port-I/O exit, guest at CPL0)\n\n" + table(
+        ["", "pyvmm (Python, cffi)", "C loop", "ratio"],
+        [["median", f"{el['pyvmm_median']:.2f}", f"{el['c_median']:.2f}", f"{el['ratio']:.2f}×"],
+         ["runs", ", ".join(f"{x:.2f}" for x in el["pyvmm"]), ", ".join(f"{x:.2f}" for x in el["c"]), ""]]) +
+        f"\n\nSame guest code ({el['exits']} `out` instructions) and the same 64-bit boot state in both.")
+    print(sections[-1], flush=True)
+
+    print("boot: pyvmm vs QEMU (this takes minutes on a PVM host) …", flush=True)
+    b = boot.run(args.repeat)
+    rows = []
+    for what in ("init", "exit"):
+        p, q = b["pyvmm"][what], b["qemu"][what]
+        rows.append([f"launch to {'/init' if what == 'init' else 'exit (init powers off)'}", f"{p:.1f} s", f"{q:.1f} s",
+                     f"{p / q:.2f}×"])
+    sections.append("## Boot, default guest kernel (median of %d)\n\n" % args.repeat + table(
+        ["", "pyvmm", "QEMU microvm", "pyvmm / QEMU"], rows) +
+        "\n\nQEMU: `-M microvm -bios qboot.rom -accel kvm -cpu host,-arch-capabilities -m 256M`, PVH entry of the "
+        "same vmlinux, same initramfs, same command line plus `" + boot.QEMU_ONLY_PARAMS + "` (QEMU has no "
+        "emulation assist). pyvmm: direct 64-bit ELF entry, no firmware.\n\nCommand line: `" + b["cmdline"] + "`")
+    print(sections[-1], flush=True)
+
+    report = ("# Benchmarks\n\nWritten by `make bench` on " + datetime.date.today().isoformat() + ".\n\n"
+              "Machine: " + machine_note() + ".\n\n" + "\n\n".join(sections) + "\n")
+    if args.output:
+        keep = ""
+        if args.output.exists():
+            old = args.output.read_text()
+            if MANUAL_SECTION_MARK in old:
+                keep = old[old.index(MANUAL_SECTION_MARK):]
+        args.output.write_text(report + "\n" + (keep or MANUAL_SECTION_MARK + "\n"))
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
