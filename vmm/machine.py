@@ -31,7 +31,7 @@ from vmm.boot import cpu_setup
 from vmm.boot.bootparams import E820_RAM, E820_RESERVED, E820Entry, build_boot_params, initrd_max_addr
 from vmm.boot.kernel import KernelImageError, LoadedKernel, load_kernel
 from vmm.hostinfo import host_kernel_params
-from vmm.hostmem import PAGE_SIZE, HostMapping
+from vmm.hostmem import PAGE_SIZE, HostMapping, format_size
 from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
 from vmm.kvm_abi import ffi
 from vmm.memory import GuestMemory, ram_layout
@@ -135,13 +135,19 @@ class Machine:
         self.started_at = time.monotonic()
 
         self.kvm = Kvm()
+        self.kvm_capabilities = self.kvm.capabilities()
+        log.debug("KVM capabilities: %s", self.kvm_capabilities)
         self.vm = self.kvm.create_vm()
         self._setup_vm()
         self.slots = MemslotManager(self.vm, self.kvm.check_extension(abi.KVM_CAP_NR_MEMSLOTS) or 32764)
         self.memory = GuestMemory(self.slots)
         self.ram = HostMapping(config.memory, config.backend, "ram")
         for r in ram_layout(config.memory):
-            self.slots.add(r.gpa, r.size, self.ram, r.offset, owner="ram")
+            try:
+                self.slots.add(r.gpa, r.size, self.ram, r.offset, owner="ram")
+            except KvmError as e:
+                raise MachineError(f"KVM cannot map {format_size(config.memory)} of guest RAM "
+                                   f"({os.strerror(e.errno)}): ask for less --memory") from None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._build_devices()
@@ -558,6 +564,7 @@ class Machine:
             "resets": self.reset_count,
             "uptime-s": round(time.monotonic() - self.started_at, 3),
             "hidden-cpu-features": list(self._hidden_features),
+            "kvm-capabilities": self.kvm_capabilities,
         }
 
     def close(self) -> None:
