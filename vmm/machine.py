@@ -154,6 +154,7 @@ class Machine:
         self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
         self.vcpus: list[Vcpu] = []
         self._initial: list[_VcpuInitialState] = []
+        self._msr_indices = self.kvm.msr_index_list()
         for i in range(config.cpus):
             fd = self.vm.create_vcpu(i)
             fd.set_cpuid(cpuid.for_vcpu(self._cpuid_template, i, config.cpus))
@@ -235,8 +236,7 @@ class Machine:
             vm.close()
 
     def _capture_initial_state(self, fd: VcpuFd) -> _VcpuInitialState:
-        msr_indices = self.kvm.msr_index_list()
-        msrs = fd.get_msrs(msr_indices)
+        msrs = fd.get_msrs(self._msr_indices)
         lapic = fd.get_lapic()
         if fd.index == 0:
             lapic = cpu_setup.lapic_with_lint(lapic)
