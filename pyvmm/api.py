@@ -31,7 +31,8 @@ class VM:
     def __init__(self, memory: str | int = "256M", cpus: int = 1, kernel: str | Path | None = None,
                  initrd: str | Path | None = None, append: str = "", cmdline: str | None = None,
                  extra_args: list[str] | None = None, agent: bool = True, qmp: bool = True,
-                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, log_path: str | Path | None = None) -> None:
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, log_path: str | Path | None = None,
+                 virtio_mem: list[str] | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-")
         self.dir = Path(self._tmp.name)
         self.qmp_path = self.dir / "qmp.sock" if qmp else None
@@ -50,8 +51,11 @@ class VM:
             args += ["--qmp", f"unix:{self.qmp_path}"]
         if self.agent_path:
             args += ["--serial1", f"unix:{self.agent_path}"]
+        for opts in virtio_mem or []:
+            args += ["--virtio-mem", opts]
         args += extra_args or []
         self.args = args
+        self.virtio_mem = {_option_id(o): VirtioMemHandle(self, _option_id(o)) for o in virtio_mem or []}
         self.log_path = Path(log_path) if log_path else self.dir / "console.log"
         self._console = bytearray()
         self._console_cond = threading.Condition()
@@ -212,3 +216,38 @@ class VM:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+
+def _option_id(opts: str) -> str:
+    for item in opts.split(","):
+        key, _, value = item.partition("=")
+        if key == "id":
+            return value
+    raise VMError(f"virtio-mem options {opts!r} have no id=")
+
+
+class VirtioMemHandle:
+    """`vm.virtio_mem["vm0"]`: ask the guest for a size and wait until it got there."""
+
+    def __init__(self, vm: VM, id: str) -> None:
+        self.vm = vm
+        self.id = id
+
+    def request(self, size: int) -> None:
+        self.vm.qmp.execute("qom-set", {"path": f"/machine/peripheral/{self.id}",
+                                        "property": "requested-size", "value": int(size)})
+
+    def info(self) -> dict:
+        for dev in self.vm.qmp.execute("query-memory-devices"):
+            if dev["type"] == "virtio-mem" and dev["data"]["id"] == self.id:
+                return dev["data"]
+        raise VMError(f"no virtio-mem device {self.id!r}")
+
+    @property
+    def plugged(self) -> int:
+        return self.info()["size"]
+
+    def wait_plugged(self, size: int, timeout: float) -> None:
+        """Wait until the device reports `size` bytes plugged (the guest driver acted)."""
+        self.vm.wait_for(lambda: self.plugged == size, timeout, interval=0.5,
+                         what=f"virtio-mem {self.id} to reach {size} bytes plugged")

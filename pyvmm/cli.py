@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPUID policy: 'default', 'host', or e.g. 'default,+popcnt,-sse4_2'")
     run.add_argument("--serial1", type=_unix_path, metavar="unix:PATH", help="serve ttyS1 (the guest agent) on a unix socket")
     run.add_argument("--qmp", type=_unix_path, metavar="unix:PATH", help="serve QMP on a unix socket")
+    run.add_argument("--virtio-mem", action="append", default=[], metavar="OPTS",
+                     help="a virtio-mem device: id=vm0,size=8G[,requested-size=0][,block-size=2M][,node=0]"
+                          "[,memslot-size=1G][,backend=anon|memfd|hugetlb][,prealloc=on] (repeatable)")
     run.add_argument("--no-reboot", action="store_true", help="exit (status 0) when the guest reboots or resets")
     run.add_argument("--trace", action="store_true", help="log every exit to stderr (slow)")
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
@@ -135,13 +138,19 @@ def _run(args) -> int:
                         format="pyvmm: %(levelname)s: %(message)s")
     if not 1 <= args.cpus <= 8:
         raise UsageError("--cpus must be between 1 and 8")
+    from vmm.device_options import DeviceOptionError, parse_virtio_mem
+
+    try:
+        virtio_mem = [parse_virtio_mem(text) for text in args.virtio_mem]
+    except DeviceOptionError as e:
+        raise UsageError(str(e)) from None
     kernel, initrd, system_map = _resolve_guest(args)
     terminal = HostTerminal(on_quit=lambda: machine_ref and machine_ref[0].quit())
     machine_ref: list = []
     cfg = MachineConfig(kernel=kernel, initrd=initrd, memory=args.memory, cpus=args.cpus,
                         backend=args.memory_backend, cpu_features=args.cpu_features, cmdline=args.cmdline,
                         append=args.append, serial1=args.serial1, no_reboot=args.no_reboot, trace=args.trace,
-                        system_map=system_map, console_output=terminal.write)
+                        system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem)
     try:
         machine = Machine(cfg)
     except (KvmUnavailable, KernelImageError, MachineError, HostMemoryError, CpuFeatureError) as e:
@@ -153,7 +162,10 @@ def _run(args) -> int:
     if args.qmp:
         from pyvmm.qmp.server import QmpServer
 
+        from pyvmm.qmp.memory_commands import register_memory_commands
+
         qmp = QmpServer(machine, args.qmp)
+        register_memory_commands(qmp.commands, qmp.hmp, machine)
         qmp.start()
     try:
         with terminal:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bus import Bus
+from bus import Bus, BusOverlapError
 from devices.acpi_pm import AcpiPmRegisters, I8042ResetPort
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
@@ -34,9 +34,11 @@ from vmm.hostinfo import host_kernel_params
 from vmm.hostmem import PAGE_SIZE, HostMapping, format_size
 from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
 from vmm.kvm_abi import ffi
-from vmm.memory import GuestMemory, ram_layout
+from vmm.device_options import VirtioMemOptions
+from vmm.memory import MMIO_HOLE_END, GuestMemory, ram_end, ram_layout
 from vmm.memslots import MemslotManager
 from vmm.symbols import Symbols
+from vmm.virtio_placement import PlacementError, VirtioPlacement
 from vmm.vcpu import KICK_SIGNAL, Vcpu
 
 log = logging.getLogger("pyvmm.machine")
@@ -55,6 +57,9 @@ HIGH_MEMORY = 0x100000
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 MAX_CPUS = 8
+# Device memory regions start above RAM on this boundary: Linux hot-plugs memory in
+# 128 MiB blocks on x86-64 and refuses a region that does not start on one.
+MEMORY_DEVICE_ALIGN = 128 << 20
 
 # The ACPI Generic Event Device signals the power button on this IOAPIC pin (above the ISA
 # range, so no legacy device or PIC routing can collide with it).
@@ -86,7 +91,7 @@ class MachineConfig:
     trace: bool = False
     system_map: Path | None = None
     console_output: Callable[[bytes], None] | None = None
-    extra_cmdline: list[str] = field(default_factory=list)  # device entries (virtio_mmio.device=…)
+    virtio_mem: list[VirtioMemOptions] = field(default_factory=list)
 
 
 class KvmIrqLine:
@@ -151,6 +156,9 @@ class Machine:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._build_devices()
+        self.virtio = VirtioPlacement(self.vm, self.mmio, self.memory)
+        self.virtio_mem: dict = {}
+        self._build_memory_devices()
         self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
         self.vcpus: list[Vcpu] = []
         self._initial: list[_VcpuInitialState] = []
@@ -212,6 +220,31 @@ class Machine:
                 aml.Method("_EVT", [aml.Notify("\\_SB_.PWRB", ACPI_NOTIFY_BUTTON_PRESSED)], args=1)]),
         ]
 
+    def _build_memory_devices(self) -> None:
+        from devices.virtio.mem import VirtioMem
+
+        # Above RAM and above the 32-bit MMIO hole, as QEMU's device-memory area.
+        next_addr = _align_up(max(ram_end(self.config.memory), MMIO_HOLE_END), MEMORY_DEVICE_ALIGN)
+        for opt in self.config.virtio_mem:
+            if opt.id in self.virtio_mem:
+                raise MachineError(f"two memory devices are called {opt.id!r}")
+            addr = _align_up(next_addr, max(MEMORY_DEVICE_ALIGN, opt.block_size))
+            try:
+                dev = VirtioMem(opt.id, addr, opt.size, memslots=self.slots, block_size=opt.block_size,
+                                node=opt.node, memslot_size=opt.memslot_size, backend=opt.backend,
+                                prealloc=opt.prealloc, requested_size=opt.requested_size)
+            except ValueError as e:
+                raise MachineError(str(e)) from None
+            dev.size_change_listener = lambda data: self.emit("MEMORY_DEVICE_SIZE_CHANGE", data)
+            dev.unplugged_access_listener = lambda data: self.emit("PYVMM_UNPLUGGED_MEMORY_ACCESS", data)
+            try:
+                self.virtio.add(dev, f"virtio-mem-{opt.id}")
+                self.mmio.register(addr, opt.size, dev.trap, f"virtio-mem-{opt.id}-region")
+            except (PlacementError, BusOverlapError) as e:
+                raise MachineError(f"cannot place virtio-mem {opt.id}: {e}") from None
+            self.virtio_mem[opt.id] = dev
+            next_addr = addr + opt.size
+
     def _cpuid_template_for(self, cfg: MachineConfig) -> tuple[list[dict], list[str]]:
         policy = cpuid.CpuidPolicy.parse(cfg.cpu_features)
         supported = self.kvm.supported_cpuid()
@@ -256,9 +289,11 @@ class Machine:
             parts.append("clearcpuid=" + ",".join(names))
         if dropped:
             log.info("clearcpuid= has no room for %s: they are hidden in CPUID only", ",".join(dropped))
-        parts += cfg.extra_cmdline
         if cfg.append:
             parts.append(cfg.append)
+        if "acpi=off" in cfg.append.split():
+            # Without ACPI the guest finds virtio-mmio devices only on its command line.
+            parts[-1:-1] = self.virtio.cmdline_entries()
         return " ".join(parts)
 
     # ------------------------------------------------------------------ boot
@@ -286,7 +321,8 @@ class Machine:
         if len(cmdline) > cpu_setup.CMDLINE_MAX:
             raise MachineError(f"kernel command line is too long ({len(cmdline)} bytes)")
         write(cpu_setup.CMDLINE_ADDR, cmdline)
-        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=list(self.acpi_devices)), ACPI_TABLES_ADDR)
+        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=self.acpi_devices + self.virtio.acpi_devices()),
+                          ACPI_TABLES_ADDR)
         write(ACPI_TABLES_ADDR, acpi.blob)
         e820 = [E820Entry(0, EBDA_START, E820_RAM),
                 E820Entry(EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED),
@@ -323,6 +359,7 @@ class Machine:
     def run(self) -> int:
         """Boot and serve lifecycle requests until the machine ends; returns the exit code."""
         self._install_kick_handler()
+        self.virtio.start()
         self._set_status("running")
         for v in self.vcpus:
             v.start()
@@ -367,6 +404,10 @@ class Machine:
             log.error("%s", why)
             self.last_error = why
             return EXIT_GUEST_ERROR
+        if what == "stop":
+            log.warning("%s: the VM is stopped (QMP 'cont' resumes it)", why)
+            self.pause()
+            return None
         log.warning("unknown machine request %s", what)
         return None
 
@@ -378,6 +419,9 @@ class Machine:
             self.vm.set_irqchip(state)
         self.serial0.reset()
         self.serial1.reset()
+        self.virtio.reset()
+        for dev in self.virtio_mem.values():
+            dev.system_reset()  # a machine reset unplugs everything (a device reset must not)
         for cb in list(self._reset_hooks):
             cb()
         self.ram.discard(0, self.ram.size)
@@ -421,6 +465,16 @@ class Machine:
 
     def vcpu_fatal(self, vcpu: Vcpu, reason: str) -> None:
         self.request("fatal", reason)
+
+    def vcpu_memory_fault(self, vcpu: Vcpu, gpa: int, size: int) -> bool:
+        """A guest access KVM could not back with host memory. True if a memory device owns it:
+        the access hit an unplugged block, which is reported, and the VM is stopped (resuming
+        would only fault again)."""
+        for dev in self.virtio_mem.values():
+            if dev.on_unplugged_access(gpa, "fault") is not None:
+                self.request("stop", f"vCPU {vcpu.index} touched unplugged memory at {gpa:#x}")
+                return True
+        return False
 
     def vcpu_msr_exit(self, vcpu: Vcpu, is_write: bool) -> None:
         msr = vcpu.fd.run_ptr.msr
@@ -565,10 +619,15 @@ class Machine:
             "uptime-s": round(time.monotonic() - self.started_at, 3),
             "hidden-cpu-features": list(self._hidden_features),
             "kvm-capabilities": self.kvm_capabilities,
+            "virtio": self.virtio.stats(),
+            "virtio-mem": {i: d.stats() for i, d in self.virtio_mem.items()},
         }
 
     def close(self) -> None:
         self._stop_vcpus()
+        self.virtio.close()
+        for dev in self.virtio_mem.values():
+            dev.close()
         if self.serial1_port is not None:
             self.serial1_port.close()
         for v in self.vcpus:
@@ -588,3 +647,7 @@ def _stdout_writer() -> Callable[[bytes], None]:
             pass
 
     return write
+
+
+def _align_up(value: int, align: int) -> int:
+    return -(-value // align) * align

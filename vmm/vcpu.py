@@ -33,6 +33,7 @@ class VcpuHost(Protocol):
     def vcpu_emulation_failure(self, vcpu: "Vcpu") -> bool: ...  # True: handled, keep running
     def vcpu_msr_exit(self, vcpu: "Vcpu", is_write: bool) -> None: ...
     def vcpu_fatal(self, vcpu: "Vcpu", reason: str) -> None: ...
+    def vcpu_memory_fault(self, vcpu: "Vcpu", gpa: int, size: int) -> bool: ...
     def vcpu_request(self, vcpu: "Vcpu", what: str) -> None: ...  # "reset", "poweroff", "crash"
 
 
@@ -138,6 +139,8 @@ class Vcpu:
                 err = ffi.errno
                 if err in (errno.EINTR, errno.EAGAIN):  # kicked
                     continue
+                if err == errno.EFAULT and self._memory_fault():
+                    continue
                 raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
             reason = unpack_from(mm, exit_reason_at)[0]
             counts[reason if reason < MAX_EXIT_REASON else 0] += 1
@@ -166,6 +169,17 @@ class Vcpu:
                     mm[mmio_data_at:mmio_data_at + length] = mmio_read(addr, length)
             else:
                 self._slow_exit(reason)
+
+    def _memory_fault(self) -> bool:
+        """KVM_RUN failed with EFAULT: with KVM_CAP_MEMORY_FAULT_INFO the exit says where."""
+        run = self.fd.run_ptr
+        if run.exit_reason != abi.KVM_EXIT_MEMORY_FAULT:
+            return False
+        self.exit_counts[abi.KVM_EXIT_MEMORY_FAULT] += 1
+        if self.host.vcpu_memory_fault(self, run.memory_fault.gpa, run.memory_fault.size):
+            self._pause_requested = True  # park until the machine resumes us
+            return True
+        return False
 
     def run_time_ns(self) -> int:
         """Time this vCPU thread spent on a host CPU (mostly inside KVM_RUN), from schedstat."""
