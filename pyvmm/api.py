@@ -179,8 +179,14 @@ class VM:
             if self.agent_path is None:
                 raise VMError("this VM was started without the agent UART")
             self._wait_path(self.agent_path, 30.0)
+            from pyvmm.agent import AgentError
+
             agent = Agent(self.agent_path)
-            agent.wait_ready(max(self.boot_timeout - (time.monotonic() - self.started_at), 10.0))
+            try:
+                agent.wait_ready(max(self.boot_timeout - (time.monotonic() - self.started_at), 10.0))
+            except AgentError as e:
+                agent.close()
+                raise VMError(f"{e}\nconsole tail:\n{self.console_text[-2000:]}") from None
             self._agent = agent
         return self._agent
 

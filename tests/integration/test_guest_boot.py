@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.guest, require_guest()]
 
 
 @pytest.fixture(scope="module")
-def vm():
-    with pyvmm.VM(memory=MEMORY, cpus=1, boot_timeout=BOOT_TIMEOUT) as vm:
+def vm(tmp_path_factory):
+    with pyvmm.VM(memory=MEMORY, cpus=1, boot_timeout=BOOT_TIMEOUT,
+                  log_path=tmp_path_factory.mktemp("console") / "console.log") as vm:
         yield vm
 
 

@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.guest, require_guest()]
 
 
 @pytest.fixture(scope="module")
-def vm():
+def vm(tmp_path_factory):
     with pyvmm.VM(memory=MEMORY, boot_timeout=BOOT_TIMEOUT,
+                  log_path=tmp_path_factory.mktemp("console") / "console.log",
                   virtio_mem=["id=vm0,size=2G", "id=vm1,size=1G,memslot-size=256M"]) as vm:
         vm.agent.wait_ready(BOOT_TIMEOUT)
         yield vm
