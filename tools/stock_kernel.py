@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "pyvmm" / "stock")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--append", default="", help="more kernel parameters")
+    ap.add_argument("--cpu-features", help="pyvmm's --cpu-features for this run")
     args = ap.parse_args()
     vmlinuz, modules, pkg = fetch(args.workdir)
     initrd = build_initramfs(modules, args.workdir / "initramfs")
@@ -73,7 +74,7 @@ def main() -> int:
     argv = [sys.executable, "-m", "pyvmm.cli", "run", "--kernel", str(vmlinuz), "--initrd", str(initrd),
             "--memory", "512M", "--system-map", str(system_map), "--qmp", f"unix:{args.workdir}/qmp.sock",
             # Without KASLR the System.map addresses are the running ones, so assist reports name symbols.
-            "--append", "nokaslr " + args.append]
+            "--append", "nokaslr " + args.append] + (["--cpu-features", args.cpu_features] if args.cpu_features else [])
     print(f"{pkg}: booting {vmlinuz.name} with {initrd.stat().st_size >> 10} KiB initramfs", flush=True)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -83,8 +83,11 @@ CLEARCPUID_PRIORITY = ("xsave", "bmi1", "bmi2", "popcnt", "movbe", "rdrand", "rd
 CLEARCPUID_MAX = 127
 
 
-def clearcpuid_names(hidden: list[str] | frozenset[str]) -> tuple[list[str], list[str]]:
-    """(names for clearcpuid=, names that did not fit); implied features are left out."""
+def clearcpuid_names(hidden: list[str] | frozenset[str],
+                     first: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(names for clearcpuid=, names that did not fit); implied features are left out.
+
+    `first` (features the user hid explicitly) go before the default priority order."""
     hidden = set(hidden)
 
     def implied(name: str) -> bool:
@@ -97,7 +100,7 @@ def clearcpuid_names(hidden: list[str] | frozenset[str]) -> tuple[list[str], lis
 
     wanted = [n for n in hidden if not implied(n)]
     rank = {n: i for i, n in enumerate(CLEARCPUID_PRIORITY)}
-    wanted.sort(key=lambda n: (rank.get(n, len(rank)), n))
+    wanted.sort(key=lambda n: (n not in first, rank.get(n, len(rank)), n))
     chosen: list[str] = []
     length = -1  # no comma before the first name
     dropped = []

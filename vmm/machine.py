@@ -284,7 +284,8 @@ class Machine:
             return cfg.cmdline
         parts = ["console=ttyS0", "reboot=acpi", "tsc=reliable", "memhp_default_state=online_movable"]
         parts += host_kernel_params()
-        names, dropped = cpuid.clearcpuid_names(self._hidden_features)
+        explicit = frozenset(self._hidden_features) - frozenset(cpuid.DEFAULT_MASK)
+        names, dropped = cpuid.clearcpuid_names(self._hidden_features, first=explicit)
         if names:
             parts.append("clearcpuid=" + ",".join(names))
         if dropped:
