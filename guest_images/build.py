@@ -1,7 +1,7 @@
 """Build the default guest image: kernel, initramfs, and the cache entry
 that joins them.
 
-    python -m guest_images.build [--print-dir] [--force] [--clean]
+    python -m guest_images.build [--print-dir] [--force] [--clean] [--prune]
 
 Steps (each skipped when its result is already there):
  1. install the Debian build dependencies (apt-get, through sudo if not root);
@@ -65,7 +65,7 @@ class BuildError(Exception):
 # ---------------------------------------------------------------- helpers
 
 
-def _run(cmd: list[str], progress: Progress, *, cwd: Path | None = None,
+def _run(cmd: list[str], *, cwd: Path | None = None,
          env: dict[str, str] | None = None, stdin: bytes | None = None) -> str:
     """Run a short command; on failure raise BuildError with its output."""
     full_env = {**os.environ, **(env or {})}
@@ -126,12 +126,12 @@ def ensure_packages(progress: Progress) -> None:
     progress(f"[packages] installing {' '.join(missing)}")
     install = [*_sudo(), "apt-get", "install", "-y", "--no-install-recommends", *missing]
     try:
-        _run(install, progress, env=APT_ENV)
+        _run(install, env=APT_ENV)
     except BuildError:
         # Usually "Unable to locate package": the package lists are stale.
         progress("[packages] apt-get install failed; running apt-get update and retrying")
-        _run([*_sudo(), "apt-get", "update"], progress, env=APT_ENV)
-        _run(install, progress, env=APT_ENV)
+        _run([*_sudo(), "apt-get", "update"], env=APT_ENV)
+        _run(install, env=APT_ENV)
     still = missing_packages()
     if still:
         raise BuildError(f"packages still missing after apt-get: {' '.join(still)}")
@@ -147,7 +147,7 @@ def _tree_entry_count(root: Path) -> int:
         count += len(filenames)
         # symlinks to directories are listed as dirnames by os.walk
         count += sum(1 for d in dirnames if os.path.islink(os.path.join(_dirpath, d)))
-    return count - sum(1 for s in (SOURCE_STAMP,) if (root / s).exists())
+    return count - int((root / SOURCE_STAMP).exists())
 
 
 def _tarball_entry_count(tarball: Path) -> int:
@@ -177,7 +177,7 @@ def ensure_source(inputs: Inputs, progress: Progress) -> Path:
         progress("[source] incomplete; unpacking again")
     progress(f"[source] unpacking {tarball} (about a minute)")
     tmp = _fresh_dir(src.parent / ".unpack-tmp")
-    _run(["tar", "-C", str(tmp), "-xf", str(tarball)], progress)
+    _run(["tar", "-C", str(tmp), "-xf", str(tarball)])
     unpacked = tmp / recipe.SOURCE_PACKAGE
     if not (unpacked / "Makefile").is_file():
         raise BuildError(f"{tarball} did not unpack to {recipe.SOURCE_PACKAGE}/")
@@ -245,7 +245,7 @@ def prepare_work_tree(src: Path, inputs: Inputs, progress: Progress) -> Path:
             if d.exists():
                 shutil.rmtree(d)
         work.parent.mkdir(parents=True, exist_ok=True)
-        _run(["cp", "-al", str(src), str(work)], progress)
+        _run(["cp", "-al", str(src), str(work)])
         (work / SOURCE_STAMP).unlink(missing_ok=True)
         state = {"source_id": sid, "patches_hash": "", "touched": []}
         _write_work_stamp(work, state)
@@ -264,7 +264,7 @@ def prepare_work_tree(src: Path, inputs: Inputs, progress: Progress) -> Path:
     for name, text in inputs.patches:
         progress(f"[tree] applying {name}")
         _run(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch"],
-             progress, cwd=work, stdin=text)
+             cwd=work, stdin=text)
     _write_work_stamp(work, {"source_id": sid, "patches_hash": want, "touched": touched_now})
     return work
 
@@ -312,10 +312,10 @@ def configure_kernel(work: Path, inputs: Inputs, progress: Progress, force: bool
     make = ["make", "-C", str(work), f"O={build}"]
     fragment = build / FRAGMENT_COPY
     fragment.write_bytes(inputs.fragment)
-    _run([*make, "tinyconfig"], progress)
+    _run([*make, "tinyconfig"])
     _run([str(work / "scripts/kconfig/merge_config.sh"), "-m", str(config), str(fragment)],
-         progress, cwd=build)
-    _run([*make, "olddefconfig"], progress)
+         cwd=build)
+    _run([*make, "olddefconfig"])
     problems = config_mismatches(inputs.fragment.decode(), config.read_text())
     if problems:
         raise BuildError("kernel.config options that did not take effect:\n  "
@@ -427,7 +427,7 @@ def build_memtool(source: bytes, dest: Path, progress: Progress) -> None:
     progress("[initramfs] compiling memtool")
     c_file = dest.with_name("memtool.c")
     c_file.write_bytes(source)
-    _run(["gcc", *MEMTOOL_CFLAGS, "-o", str(dest), str(c_file)], progress)
+    _run(["gcc", *MEMTOOL_CFLAGS, "-o", str(dest), str(c_file)])
     c_file.unlink()
 
 
@@ -445,6 +445,7 @@ def initramfs_entries(inputs: Inputs, busybox: bytes, memtool: bytes) -> list[cp
         cpio.regular("init", inputs.init, 0o755),
         cpio.regular("agent.sh", inputs.agent, 0o644),
         cpio.regular("etc/fstab", inputs.fstab, 0o644),
+        cpio.regular("etc/shrc", inputs.shrc, 0o644),
     ]
     return entries
 
@@ -505,6 +506,16 @@ def build_image(progress: Progress = print, force: bool = False) -> GuestImage:
         return link_image(inputs, kdir, idir, progress)
 
 
+def prune_cache(img: GuestImage, progress: Progress) -> None:
+    """Remove every cached kernel, initramfs and image but img's."""
+    keep = {img.directory.name, img.vmlinux.resolve().parent.name,
+            img.initramfs.resolve().parent.name}
+    for entry in sorted(recipe.guest_root().iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and entry.name not in keep:
+            progress(f"[prune] removing {entry}")
+            shutil.rmtree(entry)
+
+
 def clean_work_tree(progress: Progress) -> None:
     for d in (recipe.work_source_dir(), recipe.kernel_build_dir()):
         if d.exists():
@@ -521,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="rebuild and replace the cached image even if it exists")
     ap.add_argument("--clean", action="store_true",
                     help="also throw away the patched tree and the kernel build directory")
+    ap.add_argument("--prune", action="store_true",
+                    help="afterwards remove all other cached kernels, initramfs and images")
     args = ap.parse_args(argv)
 
     def progress(msg: str) -> None:
@@ -530,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.clean:
             clean_work_tree(progress)
         img = build_image(progress, force=args.force or args.clean)
+        if args.prune:
+            prune_cache(img, progress)
     except BuildError as e:
         print(f"guest image build failed: {e}", file=sys.stderr)
         return 1

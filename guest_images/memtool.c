@@ -1,8 +1,14 @@
 /*
- * memtool: data-integrity helper for the pyvmm guest agent.
+ * memtool: data-integrity and file-reading helper for the pyvmm guest agent.
  *
  *   memtool fill PATH SIZE SEED    write SIZE bytes of the seeded pattern
  *   memtool verify PATH SEED       recompute the pattern over the whole file
+ *   memtool cat [-l] FILE...       print files; -l: each line as "FILE: line"
+ *   memtool klog N                 the last N lines of the kernel log
+ *
+ * cat and klog exist because busybox sh's `read` makes one system call per
+ * byte: reading /proc/meminfo that way costs more guest-kernel work than
+ * one exec of this small program.
  *
  * The pattern is a pure function of (seed, byte offset), so a file can be
  * checked after its pages were migrated, offlined/onlined or hot-unplugged
@@ -70,6 +76,11 @@ static long sys_open(const char *path, int flags, int mode)
 static long sys_close(int fd)
 {
 	return sys3(__NR_close, fd, 0, 0);
+}
+
+static long sys_syslog(int type, char *buf, int len)
+{
+	return sys3(__NR_syslog, type, (long)buf, len);
 }
 
 static __attribute__((noreturn)) void sys_exit(int status)
@@ -316,9 +327,123 @@ static int do_verify(const char *path, uint64_t seed)
 	return EXIT_OK;
 }
 
+/* ---- cat and klog ---- */
+
+static long write_out(const void *buf, size_t len)
+{
+	return write_all(STDOUT_FD, buf, len);
+}
+
+/* One file; with label, every line (and an unterminated last one) is
+ * printed as "path: line". Returns 0, or -errno. */
+static long cat_file(const char *path, int label)
+{
+	long fd = sys_open(path, O_RDONLY, 0);
+	int at_line_start = 1;
+	size_t path_len = 0;
+
+	if (fd < 0)
+		return fd;
+	while (path[path_len])
+		path_len++;
+	for (;;) {
+		long n = sys_read((int)fd, chunk, CHUNK_BYTES);
+		long i, start = 0;
+
+		if (n == -EINTR)
+			continue;
+		if (n <= 0) {
+			sys_close((int)fd);
+			if (label && !at_line_start)
+				write_out("\n", 1);
+			return n;
+		}
+		if (!label) {
+			write_out(chunk, (size_t)n);
+			continue;
+		}
+		for (i = 0; i < n; i++) {
+			if (at_line_start) {
+				write_out(chunk + start, (size_t)(i - start));
+				write_out(path, path_len);
+				write_out(": ", 2);
+				start = i;
+				at_line_start = 0;
+			}
+			if (chunk[i] == '\n')
+				at_line_start = 1;
+		}
+		write_out(chunk + start, (size_t)(n - start));
+	}
+}
+
+static int do_cat(int argc, char **argv)
+{
+	int label = 0, status = EXIT_OK, i = 2;
+
+	if (i < argc && str_eq(argv[i], "-l")) {
+		label = 1;
+		i++;
+	}
+	for (; i < argc; i++) {
+		long err = cat_file(argv[i], label);
+
+		if (err < 0)
+			status = fail("read", argv[i], err);
+	}
+	return status;
+}
+
+enum { SYSLOG_ACTION_READ_ALL = 3, SYSLOG_ACTION_SIZE_BUFFER = 10 };
+#define KLOG_BUF_BYTES (1u << 20)
+static char klog_buf[KLOG_BUF_BYTES];
+
+static int do_klog(uint64_t lines)
+{
+	long size = sys_syslog(SYSLOG_ACTION_SIZE_BUFFER, 0, 0);
+	long n, start;
+
+	if (size < 0)
+		return fail("syslog", "size", size);
+	if (size > (long)KLOG_BUF_BYTES)
+		size = KLOG_BUF_BYTES;
+	n = sys_syslog(SYSLOG_ACTION_READ_ALL, klog_buf, (int)size);
+	if (n < 0)
+		return fail("syslog", "read", n);
+	/* Walk back over `lines` newlines (not counting a final one). */
+	start = n;
+	if (start > 0 && klog_buf[start - 1] == '\n')
+		start--;
+	while (start > 0) {
+		if (klog_buf[start - 1] == '\n' && lines-- <= 1)
+			break;
+		start--;
+	}
+	/* Drop each line's "<level>" prefix, as dmesg does. */
+	while (start < n) {
+		long end = start, text = start;
+
+		while (end < n && klog_buf[end] != '\n')
+			end++;
+		if (klog_buf[text] == '<') {
+			long p = text + 1;
+
+			while (p < end && klog_buf[p] >= '0' && klog_buf[p] <= '9')
+				p++;
+			if (p < end && klog_buf[p] == '>')
+				text = p + 1;
+		}
+		write_out(klog_buf + text, (size_t)(end - text));
+		write_out("\n", 1);
+		start = end + 1;
+	}
+	return EXIT_OK;
+}
+
 static int usage(void)
 {
-	put_str("error: usage: memtool fill PATH SIZE[K|M|G] SEED | memtool verify PATH SEED");
+	put_str("error: usage: memtool fill PATH SIZE[K|M|G] SEED | verify PATH SEED"
+		" | cat [-l] FILE... | klog LINES");
 	flush_line();
 	return EXIT_ERROR;
 }
@@ -336,6 +461,13 @@ static int memtool_main(int argc, char **argv)
 		if (parse_u64(argv[3], &seed, 0))
 			return usage();
 		return do_verify(argv[2], seed);
+	}
+	if (argc >= 3 && str_eq(argv[1], "cat"))
+		return do_cat(argc, argv);
+	if (argc == 3 && str_eq(argv[1], "klog")) {
+		if (parse_u64(argv[2], &size, 0) || size == 0)
+			return usage();
+		return do_klog(size);
 	}
 	return usage();
 }

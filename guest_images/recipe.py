@@ -30,6 +30,7 @@ MEMTOOL_SOURCE = PACKAGE_DIR / "memtool.c"
 INIT_SCRIPT = INITRAMFS_DIR / "init"
 AGENT_SCRIPT = INITRAMFS_DIR / "agent.sh"
 FSTAB = INITRAMFS_DIR / "fstab"
+SHRC = INITRAMFS_DIR / "shrc"
 
 SOURCE_PACKAGE = "linux-source-6.12"
 SOURCE_TARBALL = Path("/usr/src") / f"{SOURCE_PACKAGE}.tar.xz"
@@ -124,6 +125,7 @@ class Inputs:
     init: bytes
     agent: bytes
     fstab: bytes
+    shrc: bytes
     memtool_c: bytes
 
     def patches_hash(self) -> str:
@@ -144,6 +146,7 @@ class Inputs:
             ("busybox", self.busybox.encode()),
             ("compiler", self.compiler.encode()),
             ("init", self.init), ("agent", self.agent), ("fstab", self.fstab),
+            ("shrc", self.shrc),
             ("memtool.c", self.memtool_c),
         ])
 
@@ -162,6 +165,7 @@ def snapshot() -> Inputs:
         init=INIT_SCRIPT.read_bytes(),
         agent=AGENT_SCRIPT.read_bytes(),
         fstab=FSTAB.read_bytes(),
+        shrc=SHRC.read_bytes(),
         memtool_c=MEMTOOL_SOURCE.read_bytes(),
     )
 

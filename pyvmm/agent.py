@@ -36,10 +36,14 @@ MAX_OUTPUT_BYTES = 16 << 20
 RECV_BYTES = 65536
 CONTEXT_LINES = 8  # how much of what was seen goes into an AgentError
 CONNECT_RETRY_S = 0.05
-DEFAULT_PING_INTERVAL_S = 10.0
+# wait_ready pings at once, then after 5, 15, 35, 75, 135, 195... s: every
+# ping queued while the guest boots is answered later, one by one.
+FIRST_PING_INTERVAL_S = 5.0
+MAX_PING_INTERVAL_S = 60.0
 # Guest kernel work is interpreted under PVM: even builtin-only verbs take
 # a fraction of a second, a fork-and-exec one to two seconds.
 DEFAULT_TIMEOUT_S = 30.0
+FORKING_TIMEOUT_S = 90.0  # verbs that exec programs (dmesg | tail)
 KIB = 1024
 
 
@@ -76,20 +80,33 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
+MEMBLOCK_ATTR = re.compile(r"^/sys/devices/system/memory/(?:memory(\d+)/)?(\w+): ?(.*)$")
+
+
 def parse_memblocks(text: str) -> list[dict]:
-    """Output of the `memblocks` verb -> one dict per memory block, by index."""
+    """Output of the `memblocks` verb ("PATH: value" lines for
+    block_size_bytes and each memoryN's state and valid_zones) -> one dict
+    per memory block, sorted by index."""
     block_size = None
-    blocks = []
+    attrs: dict[int, dict[str, str]] = {}
     for line in text.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[0] == "block_size":
-            block_size = int(fields[1], 16)
-        elif len(fields) >= 3 and fields[0] == "block" and fields[1].isdigit():
-            blocks.append((int(fields[1]), fields[2], fields[3:]))
-    if block_size is None:
-        raise AgentError(f"memblocks: no block_size line in {text[:200]!r}")
+        m = MEMBLOCK_ATTR.match(line)
+        if m is None:
+            continue
+        index, attr, value = m[1], m[2], m[3].strip()
+        if index is None and attr == "block_size_bytes":
+            try:
+                block_size = int(value, 16)
+            except ValueError:
+                raise AgentError(f"memblocks: bad block size {value!r}") from None
+        elif index is not None and attr in ("state", "valid_zones"):
+            attrs.setdefault(int(index), {})[attr] = value
+    if not block_size:
+        raise AgentError(f"memblocks: no block_size_bytes in {text[:200]!r}")
     out = []
-    for index, state, zones in sorted(blocks):
+    for index in sorted(attrs):
+        state = attrs[index].get("state", "")
+        zones = attrs[index].get("valid_zones", "").split()
         online = state == "online"
         out.append({
             "index": index,
@@ -277,16 +294,17 @@ class Agent:
 
     # ------------------------------------------------------------- the API
 
-    def wait_ready(self, timeout: float, ping_interval: float = DEFAULT_PING_INTERVAL_S) -> None:
+    def wait_ready(self, timeout: float, ping_interval: float = FIRST_PING_INTERVAL_S) -> None:
         """Wait until the agent answers. Returns on its READY line, or on the
         reply to a ping: READY is lost when the guest printed it before we
-        connected, so a ping goes out at once and again every ping_interval
-        (sparingly: pings queued during boot are all answered later, and
-        their frames are then skipped as noise)."""
+        connected, so a ping goes out at once and again with a doubling
+        interval (sparingly: pings queued during boot are all answered
+        later, and their frames are then skipped as noise)."""
         with self._lock:
             deadline = time.monotonic() + timeout
             pings: set[bytes] = set()
             next_ping = time.monotonic()
+            interval = ping_interval
             while True:
                 now = time.monotonic()
                 if now >= deadline:
@@ -295,7 +313,8 @@ class Agent:
                     rid, line = self._request_line("ping", "")
                     self._send(line)
                     pings.add(BEGIN_MARK + str(rid).encode())
-                    next_ping = now + ping_interval
+                    next_ping = now + interval
+                    interval = min(interval * 2, MAX_PING_INTERVAL_S)
                 if not self._fill_until_line(min(deadline, next_ping), "the agent to start"):
                     continue
                 line = self._pop_line().rstrip(b"\r")
@@ -337,7 +356,7 @@ class Agent:
         "device_id", "driver"}); driver is None when unbound."""
         return parse_devices(self._checked("devices", timeout=timeout))
 
-    def dmesg(self, lines: int = 50, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+    def dmesg(self, lines: int = 50, timeout: float = FORKING_TIMEOUT_S) -> str:
         if not isinstance(lines, int) or lines <= 0:
             raise ValueError(f"lines must be a positive int: {lines!r}")
         return self._checked("dmesg", str(lines), timeout)

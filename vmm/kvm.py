@@ -374,6 +374,19 @@ class VcpuFd:
             msrs.entries[i].index, msrs.entries[i].data = idx, data
         return _ioctl(self.fd, abi.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
 
+    def get_tsc_offset(self) -> int:
+        value = ffi.new("uint64_t *")
+        attr = ffi.new("struct kvm_device_attr *", {"group": abi.KVM_VCPU_TSC_CTRL, "attr": abi.KVM_VCPU_TSC_OFFSET,
+                                                     "addr": int(ffi.cast("uintptr_t", value))})
+        _ioctl(self.fd, abi.KVM_GET_DEVICE_ATTR, attr, "KVM_GET_DEVICE_ATTR(TSC_OFFSET)")
+        return value[0]
+
+    def set_tsc_offset(self, offset: int) -> None:
+        value = ffi.new("uint64_t *", offset & 0xFFFFFFFFFFFFFFFF)
+        attr = ffi.new("struct kvm_device_attr *", {"group": abi.KVM_VCPU_TSC_CTRL, "attr": abi.KVM_VCPU_TSC_OFFSET,
+                                                     "addr": int(ffi.cast("uintptr_t", value))})
+        _ioctl(self.fd, abi.KVM_SET_DEVICE_ATTR, attr, "KVM_SET_DEVICE_ATTR(TSC_OFFSET)")
+
     def get_tsc_khz(self) -> int:
         return _ioctl(self.fd, abi.KVM_GET_TSC_KHZ, what="KVM_GET_TSC_KHZ")
 

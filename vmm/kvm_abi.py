@@ -243,6 +243,13 @@ ffi.cdef(
         uint32_t pad[4];
     };
 
+    struct kvm_device_attr {
+        uint32_t flags;
+        uint32_t group;
+        uint64_t attr;
+        uint64_t addr;
+    };
+
     struct kvm_mp_state {
         uint32_t mp_state;
     };
@@ -415,6 +422,8 @@ KVM_CREATE_PIT2 = _IOW(0x77, "struct kvm_pit_config")
 KVM_IOEVENTFD = _IOW(0x79, "struct kvm_ioeventfd")
 KVM_SIGNAL_MSI = _IOW(0xA5, "struct kvm_msi")
 KVM_SET_CLOCK = _IOW(0x7B, "struct kvm_clock_data")
+KVM_SET_DEVICE_ATTR = _IOW(0xE1, "struct kvm_device_attr")
+KVM_GET_DEVICE_ATTR = _IOW(0xE2, "struct kvm_device_attr")
 KVM_GET_CLOCK = _IOR(0x7C, "struct kvm_clock_data")
 KVM_ENABLE_CAP = _IOW(0xA3, "struct kvm_enable_cap")
 KVM_X86_SET_MSR_FILTER = _IOW(0xC6, "struct kvm_msr_filter")
@@ -471,6 +480,10 @@ KVM_CAP_MEMORY_FAULT_INFO = 232
 KVM_CAP_ADJUST_CLOCK = 39
 
 MSR_IA32_TSC = 0x10
+
+# vCPU device attributes
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
 
 # exit reasons (kvm_run.exit_reason)
 KVM_EXIT_UNKNOWN = 0

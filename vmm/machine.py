@@ -135,6 +135,7 @@ class Machine:
         self._reset_hooks: list[Callable[[], None]] = []
         self._frozen_tsc: list[int] | None = None
         self._frozen_clock: int | None = None
+        self.guest_time_freeze = True  # False once a resume could not rewind the guest TSC
         self.msr_handlers: dict[int, tuple[Callable[[int], int], Callable[[int, int], None]]] = {}
         self._symbols = Symbols.load(config.system_map) if config.system_map else None
         self.started_at = time.monotonic()
@@ -251,6 +252,7 @@ class Machine:
         tsc_khz = 0
         if self.kvm.check_extension(abi.KVM_CAP_GET_TSC_KHZ):
             tsc_khz = self._probe_tsc_khz()
+        self._tsc_khz = tsc_khz
         return cpuid.apply_policy(supported, policy, tsc_khz=tsc_khz,
                                   tsc_deadline=bool(self.kvm.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)))
 
@@ -568,15 +570,30 @@ class Machine:
             self._frozen_tsc, self._frozen_clock = None, None
 
     def _thaw_guest_time(self) -> None:
+        """Rewind each TSC by the paused time (the TSC-offset attribute, else an MSR write),
+        then check that it took: some KVMs (PVM) keep the guest TSC running regardless."""
         if self._frozen_tsc is None:
             return
+        tolerance = max(self._tsc_khz, 1_000_000) * 500  # half a second of TSC ticks
+        held = True
         try:
-            for v, tsc in zip(self.vcpus, self._frozen_tsc):
-                v.fd.set_msrs([(abi.MSR_IA32_TSC, tsc)])
+            for v, frozen in zip(self.vcpus, self._frozen_tsc):
+                fd = v.fd
+                now = fd.get_msrs([abi.MSR_IA32_TSC])[0].data
+                try:
+                    fd.set_tsc_offset(fd.get_tsc_offset() - (now - frozen))
+                except KvmError:
+                    fd.set_msrs([(abi.MSR_IA32_TSC, frozen)])
+                held &= fd.get_msrs([abi.MSR_IA32_TSC])[0].data - frozen < tolerance
             if self._frozen_clock is not None:
                 self.vm.set_clock(self._frozen_clock)
-        except KvmError as e:
+        except (KvmError, IndexError) as e:
             log.warning("cannot restore guest time on resume: %s", e)
+            held = False
+        if not held and self.guest_time_freeze:
+            log.warning("this KVM does not let pyvmm rewind the guest TSC: a paused guest that uses the TSC "
+                        "clocksource sees the pause as elapsed time")
+        self.guest_time_freeze = held
         self._frozen_tsc = None
 
     def reset(self) -> None:
@@ -620,6 +637,7 @@ class Machine:
             "uptime-s": round(time.monotonic() - self.started_at, 3),
             "hidden-cpu-features": list(self._hidden_features),
             "kvm-capabilities": self.kvm_capabilities,
+            "guest-time-frozen-on-pause": self.guest_time_freeze,
             "virtio": self.virtio.stats(),
             "virtio-mem": {i: d.stats() for i, d in self.virtio_mem.items()},
         }

@@ -64,6 +64,10 @@ def test_guest_clock_stands_still_while_stopped(vm: pyvmm.VM) -> None:
     vm.qmp.execute("cont")
     after = vm.agent.uptime()
     host_elapsed = time.monotonic() - t0
+    if not vm.qmp.execute("query-vm-stats")["guest-time-frozen-on-pause"]:
+        # pyvmm checked after the resume that the guest TSC did not go back: a PVM host's KVM
+        # ignores both KVM_VCPU_TSC_OFFSET and host writes of MSR_IA32_TSC.
+        pytest.skip("this host's KVM cannot rewind the guest TSC (checked by pyvmm on resume)")
     # The guest saw everything but the pause (agent round trips included on both sides).
     assert after - before < host_elapsed - paused * 0.75
     assert after > before

@@ -17,7 +17,10 @@ from pyvmm.agent import (
     Agent, AgentError, encode_command, parse_devices, parse_memblocks, parse_meminfo,
 )
 
-AGENT_SH = Path(__file__).resolve().parents[2] / "guest_images" / "initramfs" / "agent.sh"
+GUEST_IMAGES = Path(__file__).resolve().parents[2] / "guest_images"
+AGENT_SH = GUEST_IMAGES / "initramfs" / "agent.sh"
+MEMTOOL_C = GUEST_IMAGES / "memtool.c"
+MEMTOOL_CFLAGS = ["-static", "-nostdlib", "-O2", "-fno-stack-protector", "-fno-builtin", "-s"]
 BUSYBOX = shutil.which("busybox")
 
 
@@ -232,15 +235,18 @@ def test_parse_meminfo():
 
 
 def test_parse_memblocks():
-    text = ("block_size 0x8000000\nblock 10 offline DMA32 Normal Movable\n"
-            "block 0 online none\nblock 1 online Movable\n")
+    m = "/sys/devices/system/memory"
+    text = (f"{m}/block_size_bytes: 8000000\n{m}/memory0/state: online\n"
+            f"{m}/memory10/state: offline\n{m}/memory1/state: online\n"
+            f"{m}/memory0/valid_zones: none\n{m}/memory10/valid_zones: DMA32 Normal Movable\n"
+            f"{m}/memory1/valid_zones: Movable\nerror: read {m}/memory2/state: errno 2\n")
     blocks = parse_memblocks(text)
     assert [b["index"] for b in blocks] == [0, 1, 10]
     assert blocks[1] == {"index": 1, "online": True, "state": "online", "zone": "Movable",
                          "valid_zones": ["Movable"], "phys_start": 0x8000000, "size": 0x8000000}
     assert blocks[2]["zone"] == "" and blocks[2]["valid_zones"] == ["DMA32", "Normal", "Movable"]
     with pytest.raises(AgentError):
-        parse_memblocks("block 0 online Normal\n")
+        parse_memblocks(f"{m}/memory0/state: online\n")
 
 
 def test_parse_devices():
@@ -277,8 +283,12 @@ def host_agent(tmp_path):
     shell.write_text(f"#!/bin/sh\nexec {BUSYBOX} sh \"$@\"\n")
     shell.chmod(0o755)
     host, guest = socket.socketpair()
+    memtool = tmp_path / "memtool"
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc for memtool")
+    subprocess.run(["gcc", *MEMTOOL_CFLAGS, "-o", str(memtool), str(MEMTOOL_C)], check=True)
     env = {**os.environ, "AGENT_SHELL": str(shell), "RUN_SCRIPT": str(tmp_path / "run"),
-           "MEMTOOL": "/bin/false"}
+           "MEMTOOL": str(memtool)}
     proc = subprocess.Popen([str(shell), str(AGENT_SH)], stdin=guest, stdout=guest,
                             stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     guest.close()
@@ -316,5 +326,29 @@ def test_host_agent_survives_exit_and_syntax_errors(host_agent):
 @pytest.mark.skipif(not Path("/sys/devices/system/memory/block_size_bytes").exists(),
                     reason="no memory-block sysfs on this host")
 def test_host_agent_memblocks(host_agent):
+    # both paths: builtin reads (few blocks) and memtool (many)
     blocks = host_agent.memory_blocks(timeout=20)
     assert blocks and all(b["size"] == blocks[0]["size"] > 0 for b in blocks)
+    host_agent.run("MEMBLOCKS_BUILTIN_MAX=0", timeout=10)
+    assert host_agent.memory_blocks(timeout=20) == blocks
+    host_agent.run("MEMBLOCKS_BUILTIN_MAX=100000", timeout=10)
+    assert host_agent.memory_blocks(timeout=20) == blocks
+
+
+def test_host_agent_pattern_and_klog(host_agent, tmp_path):
+    path = str(tmp_path / "pattern")
+    host_agent.pattern_fill(path, 100_003, 77, timeout=20)
+    assert host_agent.pattern_verify(path, 77, timeout=20) is True
+    assert host_agent.pattern_verify(path, 78, timeout=20) is False
+    assert host_agent.last_output.startswith("mismatch 0 ")
+    with open(path, "r+b") as f:  # corrupt one byte in the middle
+        f.seek(54_321)
+        byte = f.read(1)
+        f.seek(54_321)
+        f.write(bytes([byte[0] ^ 0x40]))
+    assert host_agent.pattern_verify(path, 77, timeout=20) is False
+    assert host_agent.last_output.split()[:2] == ["mismatch", "54321"]
+    host_agent.pattern_free(path, timeout=20)
+    assert not Path(path).exists()
+    with pytest.raises(AgentError):
+        host_agent.pattern_verify(path, 77, timeout=20)  # gone: an error, not a mismatch
