@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vmm.hostmem import HostMapping, HostMemoryError, format_size, parse_size
+from tests.procfs import maps_perms
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 PAGE = 4096
@@ -22,15 +23,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def maps_perms(addr: int) -> str:
-    """The permission string /proc/self/maps shows for the mapping containing `addr`."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= addr < hi:
-                return perms
-    raise AssertionError(f"{addr:#x} is not mapped")
 
 
 def faults_in_child(m: HostMapping, offset: int, write: bool = False) -> bool:

@@ -40,6 +40,7 @@ from tests.virtio_driver import ALL_FEATURES, INT_CONFIG, S_NEEDS_RESET, VirtioM
 from vmm.hostmem import HostMapping, HostMemoryError
 from vmm.memory import GuestMemory, GuestMemoryError
 from vmm.memslots import MemslotManager
+from tests.procfs import maps_perms
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 PAGE = 4096
@@ -163,14 +164,6 @@ def rig(rig_factory) -> Rig:
     return rig_factory(requested=16 * MiB, memslot_size=8 * MiB)
 
 
-def maps_perms(addr: int) -> str:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= addr < hi:
-                return perms
-    raise AssertionError(f"{addr:#x} is not mapped")
 
 
 def segfaults_in_child(mapping: HostMapping, offset: int) -> bool:
