@@ -29,7 +29,7 @@ from vmm import cpuid
 from vmm import kvm_abi as abi
 from vmm.boot import cpu_setup
 from vmm.boot.bootparams import E820_RAM, E820_RESERVED, E820Entry, build_boot_params, initrd_max_addr
-from vmm.boot.kernel import KernelImageError, LoadedKernel, load_kernel
+from vmm.boot.kernel import LoadedKernel, load_kernel
 from vmm.hostinfo import host_kernel_params
 from vmm.hostmem import PAGE_SIZE, HostMapping, format_size
 from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
