@@ -135,7 +135,10 @@ class Machine:
         self._reset_hooks: list[Callable[[], None]] = []
         self._frozen_tsc: list[int] | None = None
         self._frozen_clock: int | None = None
-        self.guest_time_freeze = True  # False once a resume could not rewind the guest TSC
+        # False once a resume could not put the clock back: the kvmclock (the default guest's
+        # clocksource) and the raw TSC (a guest on clocksource=tsc) are checked apart.
+        self.guest_clock_freeze = True
+        self.guest_tsc_freeze = True
         self.msr_handlers: dict[int, tuple[Callable[[int], int], Callable[[int, int], None]]] = {}
         self._symbols = Symbols.load(config.system_map) if config.system_map else None
         self.started_at = time.monotonic()
@@ -284,7 +287,11 @@ class Machine:
         cfg = self.config
         if cfg.cmdline is not None:
             return cfg.cmdline
-        parts = ["console=ttyS0", "reboot=acpi", "tsc=reliable", "memhp_default_state=online_movable"]
+        # kvm-clock, not the TSC, so that a paused guest's clock stops: KVM_SET_CLOCK moves it
+        # back on every KVM, while rewinding the raw TSC is not possible on all (PVM).
+        # tsc=reliable still spares the slow clocksource watchdog.
+        parts = ["console=ttyS0", "reboot=acpi", "clocksource=kvm-clock", "tsc=reliable",
+                 "memhp_default_state=online_movable"]
         parts += host_kernel_params()
         explicit = frozenset(self._hidden_features) - frozenset(cpuid.DEFAULT_MASK)
         names, dropped = cpuid.clearcpuid_names(self._hidden_features, first=explicit)
@@ -570,12 +577,13 @@ class Machine:
             self._frozen_tsc, self._frozen_clock = None, None
 
     def _thaw_guest_time(self) -> None:
-        """Rewind each TSC by the paused time (the TSC-offset attribute, else an MSR write),
-        then check that it took: some KVMs (PVM) keep the guest TSC running regardless."""
+        """Put the kvmclock back where the pause found it, and rewind each TSC by the paused
+        time (the TSC-offset attribute, else an MSR write); then check what took: some KVMs
+        (PVM) keep the raw guest TSC running, while KVM_SET_CLOCK works everywhere."""
         if self._frozen_tsc is None:
             return
-        tolerance = max(self._tsc_khz, 1_000_000) * 500  # half a second of TSC ticks
-        held = True
+        tolerance_ns = 500_000_000
+        tsc_held = clock_held = True
         try:
             for v, frozen in zip(self.vcpus, self._frozen_tsc):
                 fd = v.fd
@@ -584,16 +592,22 @@ class Machine:
                     fd.set_tsc_offset(fd.get_tsc_offset() - (now - frozen))
                 except KvmError:
                     fd.set_msrs([(abi.MSR_IA32_TSC, frozen)])
-                held &= fd.get_msrs([abi.MSR_IA32_TSC])[0].data - frozen < tolerance
-            if self._frozen_clock is not None:
+                ticks = fd.get_msrs([abi.MSR_IA32_TSC])[0].data - frozen
+                tsc_held &= ticks < max(self._tsc_khz, 1_000_000) * tolerance_ns // 1_000_000
+            if self._frozen_clock is None:
+                clock_held = False
+            else:
                 self.vm.set_clock(self._frozen_clock)
+                clock_held = self.vm.get_clock() - self._frozen_clock < tolerance_ns
         except (KvmError, IndexError) as e:
             log.warning("cannot restore guest time on resume: %s", e)
-            held = False
-        if not held and self.guest_time_freeze:
-            log.warning("this KVM does not let pyvmm rewind the guest TSC: a paused guest that uses the TSC "
-                        "clocksource sees the pause as elapsed time")
-        self.guest_time_freeze = held
+            tsc_held = clock_held = False
+        if not tsc_held and self.guest_tsc_freeze:
+            log.info("this KVM does not let pyvmm rewind the guest TSC: a paused guest on "
+                     "clocksource=tsc sees the pause as elapsed time (kvm-clock does not)")
+        if not clock_held and self.guest_clock_freeze:
+            log.warning("this KVM did not take KVM_SET_CLOCK: the paused time shows in the guest clock")
+        self.guest_tsc_freeze, self.guest_clock_freeze = tsc_held, clock_held
         self._frozen_tsc = None
 
     def reset(self) -> None:
@@ -637,7 +651,7 @@ class Machine:
             "uptime-s": round(time.monotonic() - self.started_at, 3),
             "hidden-cpu-features": list(self._hidden_features),
             "kvm-capabilities": self.kvm_capabilities,
-            "guest-time-frozen-on-pause": self.guest_time_freeze,
+            "guest-time-frozen-on-pause": {"kvm-clock": self.guest_clock_freeze, "tsc": self.guest_tsc_freeze},
             "virtio": self.virtio.stats(),
             "virtio-mem": {i: d.stats() for i, d in self.virtio_mem.items()},
         }

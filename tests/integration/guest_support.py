@@ -16,8 +16,9 @@ REBOOT_TIMEOUT = 420.0
 
 def require_guest() -> pytest.MarkDecorator:
     """Skip only for a checked, stated reason: no usable /dev/kvm, or no built guest."""
+    reason = ""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return pytest.mark.skip(reason="/dev/kvm is missing or not accessible to this user")
-    if not guest_images.is_built(guest_images.default_image()):
-        return pytest.mark.skip(reason="the default guest is not built: run `make guest` (make test does)")
-    return pytest.mark.usefixtures()
+        reason = "/dev/kvm is missing or not accessible to this user"
+    elif not guest_images.is_built(guest_images.default_image()):
+        reason = "the default guest is not built: run `make guest` (make test does)"
+    return pytest.mark.skipif(bool(reason), reason=reason)

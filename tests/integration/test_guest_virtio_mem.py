@@ -117,3 +117,8 @@ def test_reboot_leaves_nothing_plugged(vm: pyvmm.VM) -> None:
     # requested-size survives the reset (as on QEMU): the rebooted guest plugs it again.
     vm.agent.wait_ready(REBOOT_TIMEOUT)
     vm.virtio_mem["vm0"].wait_plugged(256 * MiB, PLUG_TIMEOUT)
+
+
+def test_api_powerdown_with_memory_plugged_exits_zero(vm: pyvmm.VM) -> None:
+    assert vm.powerdown(timeout=REBOOT_TIMEOUT) == 0
+    assert "reboot: Power down" in vm.console_text

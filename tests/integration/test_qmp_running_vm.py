@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 import pyvmm
+from tests.qemu_qmp import qmp_session
 from tests.stubkernel import JMP_SELF, print_code, write_stub
 
 pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
@@ -31,17 +32,6 @@ def vm(tmp_path_factory):
     with pyvmm.VM(memory="64M", kernel=kernel, agent=False) as vm:
         vm.wait_console("up", timeout=30)
         yield vm
-
-
-def qmp_session(vm: pyvmm.VM, body):
-    async def main():
-        client = QMPClient("test")
-        await client.connect(str(vm.qmp_path))
-        try:
-            return await body(client)
-        finally:
-            await client.disconnect()
-    return asyncio.run(main())
 
 
 def test_qemu_qmp_greeting_status_and_stop_cont(vm: pyvmm.VM) -> None:
