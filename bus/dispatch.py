@@ -7,7 +7,7 @@ counted per address and logged once, never fatal.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_right
 import logging
 import threading
 from collections import Counter
@@ -52,7 +52,7 @@ class Bus:
             raise ValueError(f"{self.name}: bad range {base:#x}+{size:#x} for {name}")
         with self._lock:
             bases, ranges = self._table
-            i = bisect.bisect_right(bases, base)
+            i = bisect_right(bases, base)
             for neighbour in ranges[max(i - 1, 0):i + 1]:
                 if neighbour.base < base + size and base < neighbour.end:
                     raise BusOverlapError(f"{self.name}: {name} at {base:#x}+{size:#x} overlaps "
@@ -69,7 +69,7 @@ class Bus:
 
     def find(self, addr: int) -> BusRange | None:
         bases, ranges = self._table
-        i = bisect.bisect_right(bases, addr) - 1
+        i = bisect_right(bases, addr) - 1
         if i >= 0:
             r = ranges[i]
             if addr < r.base + r.size:
@@ -79,9 +79,13 @@ class Bus:
     def ranges(self) -> list[BusRange]:
         return list(self._table[1])
 
+    # read and write repeat find()'s lookup inline: they run on every I/O exit, and a call
+    # costs more than the lookup itself.
     def read(self, addr: int, size: int) -> bytes:
-        r = self.find(addr)
-        if r is None:
+        bases, ranges = self._table
+        i = bisect_right(bases, addr) - 1
+        r = ranges[i] if i >= 0 else None
+        if r is None or addr >= r.base + r.size:
             self._unclaimed(addr, "read", size)
             return b"\xff" * size
         try:
@@ -92,8 +96,10 @@ class Bus:
         return data if len(data) == size else (data + b"\xff" * size)[:size]
 
     def write(self, addr: int, data: bytes) -> None:
-        r = self.find(addr)
-        if r is None:
+        bases, ranges = self._table
+        i = bisect_right(bases, addr) - 1
+        r = ranges[i] if i >= 0 else None
+        if r is None or addr >= r.base + r.size:
             self._unclaimed(addr, "write", len(data))
             return
         try:

@@ -114,52 +114,62 @@ class Vcpu:
     def _run_loop(self) -> None:
         fd = self.fd
         run = fd.run_ptr
-        # Exit headers are read straight from the kvm_run mapping with one unpack each:
-        # cheaper than several cffi attribute reads (see docs/benchmarks.md).
-        mm = memoryview(fd.run_mapping)
+        # Exit headers are read straight from the kvm_run mapping with one unpack per exit:
+        # cheaper than several cffi attribute reads (see docs/benchmarks.md). Slicing the
+        # mmap object itself yields bytes in one step.
+        raw = fd.run_mapping
+        mm = memoryview(raw)
         exit_reason_at = ffi.offsetof("struct kvm_run", "exit_reason")
         union_at = ffi.offsetof("struct kvm_run", "io")
         mmio_data_at = union_at + ffi.offsetof("struct kvm_run_mmio", "data")
-        unpack_from = struct.Struct("<I").unpack_from
-        unpack_io = struct.Struct("<BBHIQ").unpack_from      # direction size port count data_offset
+        # exit_reason, then the io member of the exit union: direction size port count data_offset
+        unpack_exit = struct.Struct(f"<I{union_at - exit_reason_at - 4}xBBHIQ").unpack_from
         unpack_mmio = struct.Struct("<Q8sIB").unpack_from     # phys_addr data len is_write
         counts = self.exit_counts
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         ioctl, vcpu_fd, KVM_RUN, NULL = libc.ioctl, fd.fd, abi.KVM_RUN, ffi.NULL
         EXIT_IO, EXIT_MMIO, IO_OUT = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_IO_OUT
+        KICKED = (errno.EINTR, errno.EAGAIN)
         trace = self.trace
         self.native_id = threading.get_native_id()
-        while not self._stop:
-            if self._pause_requested:
-                self._park()
-                continue
-            run.immediate_exit = 0
+        # Stop and pause requests always come with a kick (immediate_exit, then a signal), so
+        # the flags need checking only after a kick or a slow exit, not on every I/O exit.
+        check = True
+        while True:
+            if check:
+                if self._stop:
+                    return
+                if self._pause_requested:
+                    self._park()
+                    continue
+                check = False
             if ioctl(vcpu_fd, KVM_RUN, NULL) < 0:
                 err = ffi.errno
-                if err in (errno.EINTR, errno.EAGAIN):  # kicked
+                check = True
+                if err in KICKED:
+                    run.immediate_exit = 0
                     continue
                 if err == errno.EFAULT and self._memory_fault():
                     continue
                 raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
-            reason = unpack_from(mm, exit_reason_at)[0]
+            reason, direction, size, port, count, off = unpack_exit(raw, exit_reason_at)
             counts[reason if reason < MAX_EXIT_REASON else 0] += 1
             if reason == EXIT_IO:
-                direction, size, port, count, off = unpack_io(mm, union_at)
                 if trace:
                     log.debug("vcpu%d io %s port=%#x size=%d count=%d", self.index,
                               "out" if direction == IO_OUT else "in", port, size, count)
                 if direction == IO_OUT:
                     if count == 1:
-                        pio_write(port, bytes(mm[off:off + size]))
+                        pio_write(port, raw[off:off + size])
                     else:
                         for i in range(off, off + size * count, size):
-                            pio_write(port, bytes(mm[i:i + size]))
+                            pio_write(port, raw[i:i + size])
                 else:
                     for i in range(off, off + size * count, size):
                         mm[i:i + size] = pio_read(port, size)
             elif reason == EXIT_MMIO:
-                addr, data, length, is_write = unpack_mmio(mm, union_at)
+                addr, data, length, is_write = unpack_mmio(raw, union_at)
                 if trace:
                     log.debug("vcpu%d mmio %s addr=%#x len=%d", self.index,
                               "write" if is_write else "read", addr, length)
@@ -169,6 +179,7 @@ class Vcpu:
                     mm[mmio_data_at:mmio_data_at + length] = mmio_read(addr, length)
             else:
                 self._slow_exit(reason)
+                check = True
 
     def _memory_fault(self) -> bool:
         """KVM_RUN failed with EFAULT: with KVM_CAP_MEMORY_FAULT_INFO the exit says where."""
