@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -227,6 +228,11 @@ class VirtioMem(VirtioDevice):
 
         self._requests: Counter[tuple[str, str]] = Counter()
         self._malformed = 0
+        # Host-side time per answered request: from the notify (or the previous answer in the
+        # same batch) to its used-ring entry. Includes slot mapping and discards.
+        self._request_ns_total = 0
+        self._request_ns_max = 0
+        self._requests_timed = 0
         self._config_writes = 0
         self._internal_errors = 0
         self._protect_failures = 0
@@ -292,6 +298,7 @@ class VirtioMem(VirtioDevice):
             return
         answered = False
         events: list[dict] = []
+        started = time.perf_counter_ns()
         try:
             while True:
                 chain = queue.pop()
@@ -307,6 +314,9 @@ class VirtioMem(VirtioDevice):
                     break
                 queue.push(chain, VIRTIO_MEM_RESP_SIZE)
                 answered = True
+                now = time.perf_counter_ns()
+                self._time_request(now - started)
+                started = now
         except VirtqueueError:
             with self._lock:
                 self._malformed += 1
@@ -554,7 +564,18 @@ class VirtioMem(VirtioDevice):
                     "slot-size": self.slots.slot_size, "protect-failures": self._protect_failures,
                     "discard-failures": self._discard_failures,
                     "unplugged-accesses": sum(self._unplugged_accesses.values()),
-                    "unplugged-accesses-by-kind": dict(self._unplugged_accesses)}
+                    "unplugged-accesses-by-kind": dict(self._unplugged_accesses),
+                    "request-time-us": {
+                        "count": self._requests_timed,
+                        "mean": round(self._request_ns_total / self._requests_timed / 1000, 1)
+                        if self._requests_timed else 0.0,
+                        "max": round(self._request_ns_max / 1000, 1)}}
+
+    def _time_request(self, ns: int) -> None:
+        with self._lock:
+            self._requests_timed += 1
+            self._request_ns_total += ns
+            self._request_ns_max = max(self._request_ns_max, ns)
 
     def system_reset(self) -> None:
         """Machine reset / reboot: unplug every block, drop every slot, discard the memory.

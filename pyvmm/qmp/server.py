@@ -31,6 +31,7 @@ from .commands import (
     CommandTable,
     QmpCommandError,
 )
+from .event_throttle import EventThrottle
 from .framing import JsonStreamSplitter, LexicalError, MessageTooLong
 from .hmp import HmpTable
 from .machine_api import MachineControl
@@ -146,6 +147,7 @@ class QmpServer:
         register_machine_commands(self.commands, self.hmp, machine, self.stats)
 
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._throttle: EventThrottle | None = None
         self._counter_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._started = False
@@ -239,7 +241,7 @@ class QmpServer:
         if loop is None or self._stopping:
             return
         try:
-            loop.call_soon_threadsafe(self._broadcast, payload)
+            loop.call_soon_threadsafe(self._throttle.offer, name, data, payload)
         except RuntimeError:
             pass  # loop closed while we were encoding: nobody to tell
 
@@ -248,6 +250,7 @@ class QmpServer:
         with self._counter_lock:
             counters = dict(self._counters)
         counters["clients"] = len(self._sessions)
+        counters["events_delayed"] = self._throttle.delayed if self._throttle else 0
         return counters
 
     @property
@@ -368,6 +371,7 @@ class QmpServer:
             loop.close()
             self._ready.set()
             return
+        self._throttle = EventThrottle(send=self._broadcast, schedule=loop.call_later)
         self._loop = loop
         self._ready.set()
         try:

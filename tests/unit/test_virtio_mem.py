@@ -229,6 +229,8 @@ def test_plug_state_unplug_round_trip(rig: Rig) -> None:
     assert rig.cfg(CFG_PLUGGED) == 0
     assert rig.irqs, "each answer interrupts the driver"
     assert rig.dev.stats()["requests"] == {"plug": {"ack": 1}, "state": {"ack": 3}, "unplug": {"ack": 3}}
+    timing = rig.dev.stats()["request-time-us"]
+    assert timing["count"] == 7 and 0 < timing["mean"] <= timing["max"]
 
 
 def test_plug_beyond_requested_is_nacked_and_unplug_below_requested_is_not(rig_factory) -> None:
