@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 from bitarray import bitarray
@@ -94,6 +95,14 @@ AccessListener = Callable[[dict], None]
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class _Release:
+    """Unplugged memory still to give back to the host, and the slots the unplug emptied."""
+    offset: int
+    size: int
+    emptied_slots: list[int]
 
 
 class _RegionMapping(HostMapping):
@@ -298,13 +307,14 @@ class VirtioMem(VirtioDevice):
             return
         answered = False
         events: list[dict] = []
+        releases: list[_Release] = []
         started = time.perf_counter_ns()
         try:
             while True:
                 chain = queue.pop()
                 if chain is None:
                     break
-                violation = self._serve(chain, mem, events)
+                violation = self._serve(chain, mem, events, releases)
                 if violation is not None:
                     # As QEMU: the chain is not returned, the device needs a reset.
                     with self._lock:
@@ -331,10 +341,12 @@ class VirtioMem(VirtioDevice):
         finally:
             if answered:
                 transport.signal_used(0)
+            self._release(releases)
             self._fire_size_changes(events)
 
     # ------------------------------------------------------------------ request path
-    def _serve(self, chain: DescriptorChain, mem: GuestMemory, events: list[dict]) -> str | None:
+    def _serve(self, chain: DescriptorChain, mem: GuestMemory, events: list[dict],
+               releases: list[_Release]) -> str | None:
         """Answer one request in place. Returns a reason if the chain violates the protocol."""
         raw = chain.read_all(mem)  # bounded by max_chain_bytes; VirtqueueError if unbacked
         if len(raw) < VIRTIO_MEM_REQ_SIZE:
@@ -345,16 +357,18 @@ class VirtioMem(VirtioDevice):
                     f"need {VIRTIO_MEM_RESP_SIZE}")
         # Only the type and the request-specific data count; padding is ignored (spec).
         req_type, addr, nb_blocks = REQ_FORMAT.unpack_from(raw)
-        resp, state = self.handle_request(req_type, addr, nb_blocks, events)
+        resp, state = self.handle_request(req_type, addr, nb_blocks, events, releases)
         chain.write(mem, RESP_FORMAT.pack(resp, state))
         return None
 
-    def handle_request(self, req_type: int, addr: int, nb_blocks: int,
-                       events: list[dict] | None = None) -> tuple[int, int]:
+    def handle_request(self, req_type: int, addr: int, nb_blocks: int, events: list[dict] | None = None,
+                       releases: list[_Release] | None = None) -> tuple[int, int]:
         """Process one decoded request; returns (response type, state). Counted by type/answer.
 
         Size-change events are appended to `events` (fired by the caller after the lock is
-        released); without a list they are fired here.
+        released); without a list they are fired here. With `releases`, an UNPLUG leaves the
+        discard and the slot removal to the caller's `_release` after the answer is out;
+        without it they happen here.
         """
         own_events = events is None
         events = [] if own_events else events
@@ -363,7 +377,7 @@ class VirtioMem(VirtioDevice):
             if req_type == VIRTIO_MEM_REQ_PLUG:
                 resp = self._plug(addr, nb_blocks, events)
             elif req_type == VIRTIO_MEM_REQ_UNPLUG:
-                resp = self._unplug(addr, nb_blocks, events)
+                resp = self._unplug(addr, nb_blocks, events, releases)
             elif req_type == VIRTIO_MEM_REQ_UNPLUG_ALL:
                 resp = self._unplug_all(events)
             elif req_type == VIRTIO_MEM_REQ_STATE:
@@ -413,7 +427,7 @@ class VirtioMem(VirtioDevice):
         events.append(self._size_event())
         return VIRTIO_MEM_RESP_ACK
 
-    def _unplug(self, addr: int, nb_blocks: int, events: list[dict]) -> int:
+    def _unplug(self, addr: int, nb_blocks: int, events: list[dict], releases: list[_Release] | None) -> int:
         size = nb_blocks * self.block_size
         if not self._valid_range(addr, size):
             return VIRTIO_MEM_RESP_ERROR
@@ -421,21 +435,41 @@ class VirtioMem(VirtioDevice):
         if self._bitmap.count(1, first, first + nb_blocks) != nb_blocks:
             return VIRTIO_MEM_RESP_ERROR
         offset = addr - self.addr
-        if not self._make_inaccessible(offset, size):
-            return VIRTIO_MEM_RESP_BUSY
+        self._try_protect(offset, size, False)
         self._bitmap[first:first + nb_blocks] = 0
         self._plugged_size -= size
-        # Discard before removing the slot: KVM deletes an emptied slot ~4x faster.
-        self.slots.account_unplug(first, nb_blocks)
+        release = _Release(offset, size, self.slots.count_unplug(first, nb_blocks))
         events.append(self._size_event())
+        if releases is None:
+            self._release_locked(release)
+        else:
+            # PROT_NONE already keeps the guest out, so the slow part (giving up to a
+            # memslot's worth of pages back, removing emptied slots) waits for the answer.
+            releases.append(release)
         return VIRTIO_MEM_RESP_ACK
+
+    def _release(self, releases: list[_Release]) -> None:
+        if releases:
+            with self._lock:
+                for release in releases:
+                    self._release_locked(release)
+
+    def _release_locked(self, release: _Release) -> None:
+        """Discard an unplugged range, then drop the slots it emptied (KVM deletes an emptied
+        slot ~4x faster). A failed discard only keeps the pages on the host: counted, logged."""
+        try:
+            self.mapping.discard(release.offset, release.size)
+        except HostMemoryError as e:
+            self._discard_failures += 1
+            self._warn_once("discard", f"cannot discard unplugged memory (the host keeps it): {e}")
+        self.slots.unmap_unused(release.emptied_slots)
 
     def _unplug_all(self, events: list[dict]) -> int:
         if self._plugged_size:
             bs = self.block_size
             for value, start, stop in intervals(self._bitmap):
                 if value:
-                    self._make_inaccessible(start * bs, (stop - start) * bs, restore=False)
+                    self._make_inaccessible(start * bs, (stop - start) * bs)
             self._bitmap.setall(0)
             self._plugged_size = 0
             self.slots.clear()
@@ -456,36 +490,20 @@ class VirtioMem(VirtioDevice):
             return VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_STATE_UNPLUGGED
         return VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_STATE_MIXED
 
-    def _make_inaccessible(self, offset: int, size: int, restore: bool = True) -> bool:
-        """PROT_NONE, then give the pages back. False if discarding failed.
-
-        Protecting first stops a misbehaving guest from faulting pages back in between the two
-        steps. A failed mprotect (e.g. the host's VMA limit) only loses the trap, so it is
-        counted and the unplug still goes ahead. A failed discard (nothing was discarded) makes
-        the range accessible again with `restore`, so a single UNPLUG can answer BUSY with its
-        blocks intact; UNPLUG_ALL goes ahead instead (the host just keeps the pages), because
-        after discarding earlier runs it could no longer leave them plugged.
-        """
-        try:
-            self.mapping.protect(offset, size, False)
-        except HostMemoryError as e:
-            self._protect_failures += 1
-            self._warn_once("protect", f"cannot protect unplugged memory (it stays accessible): {e}")
-        try:
-            self.mapping.discard(offset, size)
-        except HostMemoryError as e:
-            self._discard_failures += 1
-            self._warn_once("discard", f"cannot discard unplugged memory: {e}")
-            if restore:
-                self._try_protect(offset, size, True)
-            return False
-        return True
+    def _make_inaccessible(self, offset: int, size: int) -> None:
+        """PROT_NONE, then give the pages back (protecting first stops a misbehaving guest
+        from faulting pages back in between). Failures only lose the trap or keep the pages
+        on the host: counted and logged, the blocks are unplugged regardless."""
+        self._try_protect(offset, size, False)
+        self._release_locked(_Release(offset, size, []))
 
     def _try_protect(self, offset: int, size: int, accessible: bool) -> None:
         try:
             self.mapping.protect(offset, size, accessible)
-        except HostMemoryError:
+        except HostMemoryError as e:
             self._protect_failures += 1
+            self._warn_once(f"protect-{accessible}", f"cannot mprotect {format_size(size)} of the region "
+                            f"(accessible={accessible}): {e}")
 
     def _usable_for(self, requested: int) -> int:
         """QEMU's usable region: requested + 256 MiB, block aligned, capped by the region; 0 for 0."""

@@ -130,12 +130,16 @@ class SlotMap:
     # --- unplug ---
     def account_unplug(self, first_block: int, nb_blocks: int) -> int:
         """Count unplugged blocks and drop every slot left with none. Returns slots removed."""
+        return self.unmap_unused(self.count_unplug(first_block, nb_blocks))
+
+    def count_unplug(self, first_block: int, nb_blocks: int) -> list[int]:
+        """Count unplugged blocks; returns the slots left with none, still registered."""
         emptied = []
         for index, n in self._overlaps(first_block, nb_blocks):
             self._plugged[index] -= n
             if self._plugged[index] == 0:
                 emptied.append(index)
-        return self.unmap_unused(emptied)
+        return emptied
 
     def unmap_unused(self, indices: list[int]) -> int:
         """Remove the KVM slots among `indices` that hold no plugged block. Returns slots removed.

@@ -1,0 +1,158 @@
+"""virtio-mem: plug/unplug throughput against QEMU, host time per request, and start-up cost.
+
+Throughput is measured the same way for both VMMs, through the same qemu.qmp client: from the
+`qom-set` of requested-size until `query-memory-devices` reports `size == requested-size`
+(the guest driver has plugged or unplugged every block). Same guest kernel, initramfs and
+command line. QEMU has no virtio-mmio virtio-mem, so it runs `virtio-mem-pci` on q35 (qboot
+firmware, PVH entry of the same vmlinux), which the default guest kernel supports for this
+purpose.
+
+Start-up cost: a stub guest that prints a marker and spins, with and without a 1 TiB
+virtio-mem device: time to the marker, the VMM's RSS, and the KVM memslots registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from qemu.qmp import QMPClient  # noqa: E402
+
+import guest_images  # noqa: E402
+import pyvmm  # noqa: E402
+from boot import QEMU_ONLY_PARAMS  # noqa: E402
+from tests.stubkernel import JMP_SELF, print_code, write_stub  # noqa: E402
+
+MiB = 1 << 20
+PLUG_SIZE = 512 * MiB
+DEVICE_SIZE = "2G"
+MEMORY = "256M"
+PROMPT = re.compile(rb"guest:.*# ")
+BOOT_TIMEOUT = 900.0
+RESIZE_TIMEOUT = 900.0
+POLL_S = 0.1
+
+
+async def _resize(qmp_path: Path, dev: str, size: int) -> float:
+    """Seconds from qom-set until the device reports `size` plugged."""
+    client = QMPClient("bench")
+    await client.connect(str(qmp_path))
+    try:
+        t0 = time.monotonic()
+        await client.execute("qom-set", {"path": f"/machine/peripheral/{dev}", "property": "requested-size",
+                                         "value": size})
+        while True:
+            devices = await client.execute("query-memory-devices")
+            if next(d["data"]["size"] for d in devices if d["data"]["id"] == dev) == size:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > RESIZE_TIMEOUT:
+                raise RuntimeError(f"{dev} did not reach {size} bytes plugged")
+            await asyncio.sleep(POLL_S)
+    finally:
+        await client.disconnect()
+
+
+def plug_cycle(qmp_path: Path, cycles: int) -> tuple[list[float], list[float]]:
+    plug, unplug = [], []
+    for _ in range(cycles):
+        plug.append(asyncio.run(_resize(qmp_path, "vm0", PLUG_SIZE)))
+        unplug.append(asyncio.run(_resize(qmp_path, "vm0", 0)))
+    return plug, unplug
+
+
+def pyvmm_run(cycles: int) -> dict:
+    with pyvmm.VM(memory=MEMORY, agent=False, boot_timeout=BOOT_TIMEOUT,
+                  virtio_mem=[f"id=vm0,size={DEVICE_SIZE}"]) as vm:
+        vm.wait_console(PROMPT.pattern.decode(), timeout=BOOT_TIMEOUT)
+        cmdline = re.search(r"Command line: (.*?)\r?\n", vm.console_text).group(1)
+        plug, unplug = plug_cycle(vm.qmp_path, cycles)
+        stats = vm.qmp.execute("query-vm-stats")["virtio-mem"]["vm0"]
+        vm.qmp.execute("quit")
+    return {"plug": plug, "unplug": unplug, "request-time-us": stats["request-time-us"],
+            "slot-adds": stats["slot-adds"], "slot-removes": stats["slot-removes"],
+            "slot-size": stats["slot-size"], "cmdline": cmdline}
+
+
+def qemu_argv(img, cmdline: str, qmp_path: Path) -> list[str]:
+    return ["qemu-system-x86_64", "-M", "q35,smbus=off,sata=off", "-bios", "/usr/share/qemu/qboot.rom",
+            "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", f"{MEMORY},maxmem=4G,slots=1",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+            "-object", f"memory-backend-ram,id=mem0,size={DEVICE_SIZE}",
+            "-device", "virtio-mem-pci,id=vm0,memdev=mem0,block-size=2M,requested-size=0",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-kernel", str(img.vmlinux), "-initrd", str(img.initramfs), "-append", f"{cmdline} {QEMU_ONLY_PARAMS}"]
+
+
+def qemu_run(cmdline: str, cycles: int) -> dict:
+    img = guest_images.default_image()
+    with tempfile.TemporaryDirectory() as d:
+        qmp_path = Path(d) / "qmp.sock"
+        console = Path(d) / "console.log"
+        with open(console, "wb") as out:
+            proc = subprocess.Popen(qemu_argv(img, cmdline, qmp_path), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        try:
+            t0 = time.monotonic()
+            while not PROMPT.search(console.read_bytes()):
+                if proc.poll() is not None or time.monotonic() - t0 > BOOT_TIMEOUT:
+                    raise RuntimeError("QEMU guest did not reach its shell:\n"
+                                       + console.read_bytes()[-1500:].decode(errors="replace"))
+                time.sleep(0.5)
+            plug, unplug = plug_cycle(qmp_path, cycles)
+        finally:
+            proc.kill()
+            proc.wait()
+    return {"plug": plug, "unplug": unplug}
+
+
+def throughput(cycles: int = 1) -> dict:
+    py = pyvmm_run(cycles)
+    qemu = qemu_run(py["cmdline"], cycles)
+    gib = PLUG_SIZE / (1 << 30)
+    out = {"pyvmm": py, "qemu": qemu, "size": PLUG_SIZE}
+    for who in (py, qemu):
+        who["plug-gib-s"] = gib / statistics.median(who["plug"])
+        who["unplug-gib-s"] = gib / statistics.median(who["unplug"])
+    return out
+
+
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def startup_cost(repeat: int = 3) -> dict:
+    """Stub guest up to its marker, without and with a 1 TiB virtio-mem device."""
+    with tempfile.TemporaryDirectory() as d:
+        kernel = write_stub(Path(d) / "spin.elf", print_code(b"up\n") + JMP_SELF)
+        results: dict[str, list[tuple[float, int, int]]] = {"without": [], "with 1 TiB virtio-mem": []}
+        for _ in range(repeat):
+            for name, devices in (("without", []), ("with 1 TiB virtio-mem", ["id=big,size=1T"])):
+                t0 = time.monotonic()
+                with pyvmm.VM(memory="256M", kernel=kernel, agent=False, virtio_mem=devices) as vm:
+                    vm.wait_console("up", timeout=60)
+                    elapsed = time.monotonic() - t0
+                    slots = vm.qmp.execute("query-vm-stats")["memslots"]["count"]
+                    results[name].append((elapsed, _vm_rss(vm.pid), slots))
+                    vm.qmp.execute("quit")
+    return {name: {"seconds": statistics.median(r[0] for r in runs), "rss": statistics.median(r[1] for r in runs),
+                   "memslots": max(r[2] for r in runs), "runs": runs}
+            for name, runs in results.items()}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    print(startup_cost())
+    print(throughput())
