@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--virtio-mem", action="append", default=[], metavar="OPTS",
                      help="a virtio-mem device: id=vm0,size=8G[,requested-size=0][,block-size=2M][,node=0]"
                           "[,memslot-size=1G][,backend=anon|memfd|hugetlb][,prealloc=on] (repeatable)")
+    run.add_argument("--hyperv", action="store_true",
+                     help="present a Hyper-V partition (hypercalls, SynIC, crash MSRs) instead of KVM's "
+                          "signature; the guest then runs on the TSC, not kvm-clock")
     run.add_argument("--no-reboot", action="store_true", help="exit (status 0) when the guest reboots or resets")
     run.add_argument("--trace", action="store_true", help="log every exit to stderr (slow)")
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
@@ -150,7 +153,8 @@ def _run(args) -> int:
     cfg = MachineConfig(kernel=kernel, initrd=initrd, memory=args.memory, cpus=args.cpus,
                         backend=args.memory_backend, cpu_features=args.cpu_features, cmdline=args.cmdline,
                         append=args.append, serial1=args.serial1, no_reboot=args.no_reboot, trace=args.trace,
-                        system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem)
+                        system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem,
+                        hyperv=args.hyperv)
     try:
         machine = Machine(cfg)
     except (KvmUnavailable, KernelImageError, MachineError, HostMemoryError, CpuFeatureError) as e:
@@ -162,10 +166,12 @@ def _run(args) -> int:
     if args.qmp:
         from pyvmm.qmp.server import QmpServer
 
+        from pyvmm.qmp.cpu_commands import register_cpu_commands
         from pyvmm.qmp.memory_commands import register_memory_commands
 
         qmp = QmpServer(machine, args.qmp)
         register_memory_commands(qmp.commands, qmp.hmp, machine)
+        register_cpu_commands(qmp.commands, qmp.hmp, machine)
         qmp.start()
     try:
         with terminal:

@@ -20,6 +20,10 @@ from typing import Callable
 
 from bus import Bus, BusOverlapError
 from devices.acpi_pm import AcpiPmRegisters, I8042ResetPort
+from devices.hyperv import hv_abi
+from devices.hyperv.cpuid import with_hyperv_leaves
+from devices.hyperv.hypercalls import HV_HYPERCALL_PORT, HV_HYPERCALL_PORT_SIZE
+from devices.hyperv.partition import HyperV
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
 from firmware import aml
@@ -37,6 +41,7 @@ from vmm.kvm_abi import ffi
 from vmm.device_options import VirtioMemOptions
 from vmm.memory import MMIO_HOLE_END, GuestMemory, ram_end, ram_layout
 from vmm.memslots import MemslotManager
+from vmm.msr import MsrDispatch, MsrFault, deny_filter_range
 from vmm.symbols import Symbols
 from vmm.virtio_placement import PlacementError, VirtioPlacement
 from vmm.vcpu import KICK_SIGNAL, Vcpu
@@ -61,6 +66,10 @@ MAX_CPUS = 8
 # 128 MiB blocks on x86-64 and refuses a region that does not start on one.
 MEMORY_DEVICE_ALIGN = 128 << 20
 
+# Local APIC MSI address: 0xFEE00000 | destination APIC id << 12 (physical mode, no hint).
+MSI_ADDRESS_BASE = 0xFEE00000
+MSI_DEST_ID_SHIFT = 12
+
 # The ACPI Generic Event Device signals the power button on this IOAPIC pin (above the ISA
 # range, so no legacy device or PIC routing can collide with it).
 GED_GSI = 23
@@ -70,6 +79,11 @@ ACPI_NOTIFY_BUTTON_PRESSED = 0x80
 
 EXIT_OK = 0
 EXIT_GUEST_ERROR = 1
+
+
+CPU_STATE_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12",
+                  "r13", "r14", "r15", "rip", "rflags")
+CPU_STATE_SREGS = ("cr0", "cr2", "cr3", "cr4", "efer")
 
 
 class MachineError(Exception):
@@ -92,6 +106,7 @@ class MachineConfig:
     system_map: Path | None = None
     console_output: Callable[[bytes], None] | None = None
     virtio_mem: list[VirtioMemOptions] = field(default_factory=list)
+    hyperv: bool = False                # the Hyper-V synthetic layer (devices/hyperv), in user space
 
 
 class KvmIrqLine:
@@ -139,7 +154,9 @@ class Machine:
         # clocksource) and the raw TSC (a guest on clocksource=tsc) are checked apart.
         self.guest_clock_freeze = True
         self.guest_tsc_freeze = True
-        self.msr_handlers: dict[int, tuple[Callable[[int], int], Callable[[int, int], None]]] = {}
+        self.msrs = MsrDispatch()
+        self.msr_handlers = self.msrs.single  # index -> (read(vp), write(vp, value))
+        self.hyperv: HyperV | None = None
         self._symbols = Symbols.load(config.system_map) if config.system_map else None
         self.started_at = time.monotonic()
 
@@ -164,6 +181,9 @@ class Machine:
         self.virtio_mem: dict = {}
         self._build_memory_devices()
         self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
+        if config.hyperv:
+            self.hyperv = self._build_hyperv()
+            self._cpuid_template = with_hyperv_leaves(self._cpuid_template, self.hyperv.cpuid_leaves())
         self.vcpus: list[Vcpu] = []
         self._initial: list[_VcpuInitialState] = []
         self._msr_indices = self.kvm.msr_index_list()
@@ -259,6 +279,34 @@ class Machine:
         return cpuid.apply_policy(supported, policy, tsc_khz=tsc_khz,
                                   tsc_deadline=bool(self.kvm.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)))
 
+    def _build_hyperv(self) -> HyperV:
+        """The user-space Hyper-V partition. Its MSRs always exit to pyvmm (the MSR filter
+        denies them to KVM), so a KVM with its own Hyper-V emulation never answers them."""
+        if not self.kvm.check_extension(abi.KVM_CAP_X86_MSR_FILTER):
+            raise MachineError("--hyperv needs KVM_CAP_X86_MSR_FILTER, which this host KVM lacks")
+        reasons = abi.KVM_MSR_EXIT_REASON_FILTER | abi.KVM_MSR_EXIT_REASON_UNKNOWN
+        if self.kvm.check_extension(abi.KVM_CAP_X86_USER_SPACE_MSR) & reasons != reasons:
+            raise MachineError("--hyperv needs KVM_CAP_X86_USER_SPACE_MSR (filter and unknown-MSR "
+                               "exits), which this host KVM lacks")
+        self.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, reasons)
+        self.vm.set_msr_filter([deny_filter_range(hv_abi.HV_MSR_RANGE_FIRST, hv_abi.HV_MSR_RANGE_LAST,
+                                                  abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE)])
+        self._msi_lock = threading.Lock()
+        hyperv = HyperV(vp_count=self.config.cpus, memory=self.memory, raise_interrupt=self._signal_vp,
+                        on_guest_crash=self._hyperv_crash, tsc_hz=self._tsc_khz * 1000,
+                        apic_hz=cpuid.KVM_APIC_BUS_KHZ * 1000, hypercall_port=HV_HYPERCALL_PORT)
+        self.msrs.add_range(hv_abi.HV_MSR_RANGE_FIRST, hv_abi.HV_MSR_RANGE_LAST, hyperv)
+        self.pio.register(HV_HYPERCALL_PORT, HV_HYPERCALL_PORT_SIZE, hyperv.hypercall_device, "hv-hypercall")
+        return hyperv
+
+    def _signal_vp(self, vp: int, vector: int) -> None:
+        """A fixed, edge-triggered interrupt to VP `vp` (its APIC id is its vCPU index)."""
+        with self._msi_lock:  # VmFd.signal_msi reuses one request struct
+            self.vm.signal_msi(MSI_ADDRESS_BASE | vp << MSI_DEST_ID_SHIFT, vector)
+
+    def _hyperv_crash(self, params: tuple[int, ...]) -> None:
+        self.request("panic", "Hyper-V crash MSRs P0-P4 " + " ".join(f"{p:#x}" for p in params))
+
     def _probe_tsc_khz(self) -> int:
         # KVM_GET_TSC_KHZ is a vCPU ioctl; a throwaway VM avoids consuming a vCPU id here.
         vm = self.kvm.create_vm()
@@ -289,9 +337,11 @@ class Machine:
             return cfg.cmdline
         # kvm-clock, not the TSC, so that a paused guest's clock stops: KVM_SET_CLOCK moves it
         # back on every KVM, while rewinding the raw TSC is not possible on all (PVM).
-        # tsc=reliable still spares the slow clocksource watchdog.
-        parts = ["console=ttyS0", "reboot=acpi", "clocksource=kvm-clock", "tsc=reliable",
-                 "memhp_default_state=online_movable"]
+        # tsc=reliable still spares the slow clocksource watchdog. A Hyper-V guest sees no KVM
+        # signature, hence no kvm-clock: it runs on the TSC (a pause shows where the TSC cannot
+        # be rewound).
+        clock = [] if cfg.hyperv else ["clocksource=kvm-clock"]
+        parts = ["console=ttyS0", "reboot=acpi", *clock, "tsc=reliable", "memhp_default_state=online_movable"]
         parts += host_kernel_params()
         explicit = frozenset(self._hidden_features) - frozenset(cpuid.DEFAULT_MASK)
         names, dropped = cpuid.clearcpuid_names(self._hidden_features, first=explicit)
@@ -432,6 +482,8 @@ class Machine:
         self.virtio.reset()
         for dev in self.virtio_mem.values():
             dev.system_reset()  # a machine reset unplugs everything (a device reset must not)
+        if self.hyperv is not None:
+            self.hyperv.reset()
         for cb in list(self._reset_hooks):
             cb()
         self.ram.discard(0, self.ram.size)
@@ -488,19 +540,14 @@ class Machine:
 
     def vcpu_msr_exit(self, vcpu: Vcpu, is_write: bool) -> None:
         msr = vcpu.fd.run_ptr.msr
-        handler = self.msr_handlers.get(msr.index)
-        if handler is None:
-            msr.error = 1  # #GP, as real hardware does for an unknown MSR
-            return
         try:
             if is_write:
-                handler[1](vcpu.index, msr.data)
+                self.msrs.write(vcpu.index, msr.index, msr.data)
             else:
-                msr.data = handler[0](vcpu.index)
+                msr.data = self.msrs.read(vcpu.index, msr.index)
             msr.error = 0
-        except Exception:
-            log.exception("MSR %#x handler failed", msr.index)
-            msr.error = 1
+        except MsrFault:
+            msr.error = 1  # #GP, as real hardware does for an MSR it lacks
 
     def vcpu_emulation_failure(self, vcpu: Vcpu) -> bool:
         fd = vcpu.fd
@@ -566,6 +613,27 @@ class Machine:
             self._resume_vcpus()
             self._set_status("running")
             self.emit("RESUME", None)
+
+    def cpu_state(self) -> list[dict]:
+        """Each vCPU's registers, for `info registers` / `query-cpus-fast`. A running VM is
+        held for the read (KVM_GET_REGS waits for KVM_RUN to return) without a STOP event."""
+        running = self._status == "running"
+        if running:
+            self._pause_vcpus()
+        try:
+            out = []
+            for v in self.vcpus:
+                regs, sregs = v.fd.get_regs(), v.fd.get_sregs()
+                state = {"cpu-index": v.index, "thread-id": v.native_id or 0}
+                state.update({name: getattr(regs, name) for name in CPU_STATE_REGS})
+                state.update({name: getattr(sregs, name) for name in CPU_STATE_SREGS})
+                state["cpl"] = sregs.cs.selector & 3
+                state["symbol"] = self._symbols.lookup(regs.rip) if self._symbols else None
+                out.append(state)
+            return out
+        finally:
+            if running:
+                self._resume_vcpus()
 
     def _freeze_guest_time(self) -> None:
         """Remember each vCPU's TSC and the kvmclock, so a paused guest sees no time pass."""
@@ -654,6 +722,8 @@ class Machine:
             "guest-time-frozen-on-pause": {"kvm-clock": self.guest_clock_freeze, "tsc": self.guest_tsc_freeze},
             "virtio": self.virtio.stats(),
             "virtio-mem": {i: d.stats() for i, d in self.virtio_mem.items()},
+            "msrs": self.msrs.stats(),
+            "hyperv": self.hyperv.stats() if self.hyperv is not None else None,
         }
 
     def close(self) -> None:

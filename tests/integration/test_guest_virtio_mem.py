@@ -145,7 +145,7 @@ def test_qmp_rejects_bad_values(vm: pyvmm.VM) -> None:
     for path, value in (("vm0", 12345), ("vm0", 3 << 30), ("no-such-device", 0), ("vm0", "big")):
         with pytest.raises(ExecuteError) as err:
             request(vm, path, value)
-        assert err.value.error.class_ in ("GenericError", "DeviceNotFound")
+        assert err.value.error_class in ("GenericError", "DeviceNotFound")
     assert device_info(vm, "vm0")["requested-size"] == 0
 
 

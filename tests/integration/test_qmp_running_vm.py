@@ -20,7 +20,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 import pyvmm
 from tests.qemu_qmp import qmp_session
-from tests.stubkernel import JMP_SELF, print_code, write_stub
+from tests.stubkernel import JMP_SELF, LOAD_ADDR, print_code, write_stub
 
 pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
                                 reason="/dev/kvm is missing or not accessible to this user")
@@ -54,6 +54,21 @@ def test_qemu_qmp_greeting_status_and_stop_cont(vm: pyvmm.VM) -> None:
         names = {c["name"] for c in await client.execute("query-commands")}
         assert {"query-status", "stop", "cont", "system_reset", "system_powerdown", "quit"} <= names
     qmp_session(vm, body)
+
+
+def test_cpu_state_shows_where_the_guest_spins(vm: pyvmm.VM) -> None:
+    spin_at = LOAD_ADDR + len(print_code(b"up\n"))  # the stub's `jmp $`
+
+    async def body(client: QMPClient):
+        cpus = await client.execute("query-cpus-fast")
+        text = await client.execute("human-monitor-command", {"command-line": "info registers"})
+        status = await client.execute("query-status")
+        return cpus, text, status
+    cpus, text, status = qmp_session(vm, body)
+    assert [c["cpu-index"] for c in cpus] == [0]
+    assert os.path.isdir(f"/proc/{vm.pid}/task/{cpus[0]['thread-id']}")  # the vCPU thread
+    assert f"RIP={spin_at:016x}" in text and "CPL 0" in text
+    assert status["status"] == "running"  # held only for the read, no STOP
 
 
 def test_qemu_qmp_error_replies(vm: pyvmm.VM) -> None:
