@@ -282,15 +282,17 @@ class Machine:
     def _build_hyperv(self) -> HyperV:
         """The user-space Hyper-V partition. Its MSRs always exit to pyvmm (the MSR filter
         denies them to KVM), so a KVM with its own Hyper-V emulation never answers them."""
-        if not self.kvm.check_extension(abi.KVM_CAP_X86_MSR_FILTER):
-            raise MachineError("--hyperv needs KVM_CAP_X86_MSR_FILTER, which this host KVM lacks")
-        reasons = abi.KVM_MSR_EXIT_REASON_FILTER | abi.KVM_MSR_EXIT_REASON_UNKNOWN
-        if self.kvm.check_extension(abi.KVM_CAP_X86_USER_SPACE_MSR) & reasons != reasons:
-            raise MachineError("--hyperv needs KVM_CAP_X86_USER_SPACE_MSR (filter and unknown-MSR "
-                               "exits), which this host KVM lacks")
-        self.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, reasons)
-        self.vm.set_msr_filter([deny_filter_range(hv_abi.HV_MSR_RANGE_FIRST, hv_abi.HV_MSR_RANGE_LAST,
-                                                  abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE)])
+        for cap, name in ((abi.KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"),
+                          (abi.KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER")):
+            if not self.kvm.check_extension(cap):
+                raise MachineError(f"--hyperv needs {name}, which this host KVM lacks")
+        try:
+            self.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR,
+                               abi.KVM_MSR_EXIT_REASON_FILTER | abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+            self.vm.set_msr_filter([deny_filter_range(hv_abi.HV_MSR_RANGE_FIRST, hv_abi.HV_MSR_RANGE_LAST,
+                                                      abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE)])
+        except KvmError as e:
+            raise MachineError(f"--hyperv: the host KVM refused user-space MSR exits ({e})") from None
         self._msi_lock = threading.Lock()
         hyperv = HyperV(vp_count=self.config.cpus, memory=self.memory, raise_interrupt=self._signal_vp,
                         on_guest_crash=self._hyperv_crash, tsc_hz=self._tsc_khz * 1000,

@@ -26,6 +26,19 @@ log = logging.getLogger("pyvmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
 MAX_EXIT_REASON = 64
 
+_thread_vcpu = threading.local()
+
+
+def current_vcpu() -> "Vcpu | None":
+    """The vCPU whose thread is calling (set once when its loop starts), else None. Exit
+    handlers use it to reach the exiting vCPU's registers (the hypercall port)."""
+    return getattr(_thread_vcpu, "vcpu", None)
+
+
+def set_current_vcpu(vcpu: "Vcpu | None") -> None:
+    """Bind `vcpu` to the calling thread (the vCPU loop does this; tests may too)."""
+    _thread_vcpu.vcpu = vcpu
+
 
 class VcpuHost(Protocol):
     """What a vCPU needs from the machine."""
@@ -103,6 +116,7 @@ class Vcpu:
             self._paused.clear()
 
     def _loop(self) -> None:
+        set_current_vcpu(self)
         try:
             self._run_loop()
         except Exception as e:  # never leave a dead vCPU silently
