@@ -128,6 +128,7 @@ class AcpiDevice:
     irq_active_low: bool = False
     sta_method: bool = True  # _STA as Method() { Return(sta) } or as Name()
     extra: Sequence[aml.AmlObject] = ()  # more terms, e.g. a GED's _EVT method
+    empty_crs: bool = False  # a _CRS even with no resources (Linux's VMBus driver walks it)
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def _device_aml(dev: AcpiDevice) -> aml.Device:
     if dev.irqs:
         resources.append(aml.ExtendedInterrupt(dev.irqs, edge=dev.irq_edge,
                                                active_low=dev.irq_active_low))
-    if resources:
+    if resources or dev.empty_crs:
         terms.append(aml.Name("_CRS", aml.ResourceTemplate(resources)))
     terms.extend(dev.extra)
     if dev.sta is not None:

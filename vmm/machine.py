@@ -24,6 +24,7 @@ from devices.hyperv import hv_abi
 from devices.hyperv.cpuid import with_hyperv_leaves
 from devices.hyperv.hypercalls import HV_HYPERCALL_PORT, HV_HYPERCALL_PORT_SIZE
 from devices.hyperv.partition import HyperV
+from devices.vmbus import VmBus
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
 from firmware import aml
@@ -75,6 +76,7 @@ MSI_DEST_ID_SHIFT = 12
 GED_GSI = 23
 GED_HID = "ACPI0013"
 POWER_BUTTON_HID = "PNP0C0C"
+VMBUS_ACPI_HID = "VMBus"  # what Linux's hv_vmbus matches (also "VMBUS")
 ACPI_NOTIFY_BUTTON_PRESSED = 0x80
 
 EXIT_OK = 0
@@ -181,9 +183,13 @@ class Machine:
         self.virtio_mem: dict = {}
         self._build_memory_devices()
         self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
+        self.vmbus: VmBus | None = None
         if config.hyperv:
             self.hyperv = self._build_hyperv()
             self._cpuid_template = with_hyperv_leaves(self._cpuid_template, self.hyperv.cpuid_leaves())
+            self.vmbus = VmBus(self.hyperv.synic, self.hyperv.connections, self.memory)
+            # Linux's hv_vmbus binds to this ACPI device and walks its (empty) _CRS.
+            self.acpi_devices.append(AcpiDevice(name="VMBS", hid=VMBUS_ACPI_HID, empty_crs=True))
         self.vcpus: list[Vcpu] = []
         self._initial: list[_VcpuInitialState] = []
         self._msr_indices = self.kvm.msr_index_list()
@@ -484,6 +490,8 @@ class Machine:
         self.virtio.reset()
         for dev in self.virtio_mem.values():
             dev.system_reset()  # a machine reset unplugs everything (a device reset must not)
+        if self.vmbus is not None:
+            self.vmbus.reset()  # channels closed, GPADLs dropped: the next kernel connects anew
         if self.hyperv is not None:
             self.hyperv.reset()
         for cb in list(self._reset_hooks):
@@ -726,6 +734,7 @@ class Machine:
             "virtio-mem": {i: d.stats() for i, d in self.virtio_mem.items()},
             "msrs": self.msrs.stats(),
             "hyperv": self.hyperv.stats() if self.hyperv is not None else None,
+            "vmbus": self.vmbus.stats() if self.vmbus is not None else None,
         }
 
     def close(self) -> None:

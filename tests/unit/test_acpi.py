@@ -349,13 +349,17 @@ def _disassemble(tmp_path, name, table):
 @needs_iasl
 def test_iasl_disassembles_dsdt(tmp_path):
     cfg = sample_config()
-    cfg.devices = list(cfg.devices) + [AcpiDevice("VMBS", "VMBus", sta=None)]
+    cfg.devices = list(cfg.devices) + [AcpiDevice("VMBS", "VMBus", sta=None, empty_crs=True)]
     dsdt = parse(build_acpi(cfg, BASE))["DSDT"]
     dsl = _disassemble(tmp_path, "dsdt", dsdt)
     for name in ("VR00", "VR01", "MEM0", "COM1", "VMBS"):
         assert f"Device ({name})" in dsl
     assert dsl.count('Name (_HID, "LNRO0005")') == 3
     assert 'Name (_HID, "VMBus")' in dsl
+    # The VMBus device's _CRS is an empty resource template, only an End Tag with its
+    # checksum (Linux fails without a _CRS); iasl shows that as a two-byte buffer.
+    vmbs = dsl[dsl.index("Device (VMBS)"):dsl.index("Device (VMBS)") + 400]
+    assert "Name (_CRS, Buffer (0x02)" in vmbs and "0x79, 0x87" in vmbs
     assert 'EisaId ("PNP0501")' in dsl
     assert "0xD0000000,         // Address Base" in dsl
     assert "0xD0001000,         // Address Base" in dsl
