@@ -32,7 +32,7 @@ class VM:
                  initrd: str | Path | None = None, append: str = "", cmdline: str | None = None,
                  extra_args: list[str] | None = None, agent: bool = True, qmp: bool = True,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT, log_path: str | Path | None = None,
-                 virtio_mem: list[str] | None = None) -> None:
+                 virtio_mem: list[str] | None = None, hv_balloon: str | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-")
         self.dir = Path(self._tmp.name)
         self.qmp_path = self.dir / "qmp.sock" if qmp else None
@@ -53,9 +53,12 @@ class VM:
             args += ["--serial1", f"unix:{self.agent_path}"]
         for opts in virtio_mem or []:
             args += ["--virtio-mem", opts]
+        if hv_balloon is not None:
+            args += ["--hv-balloon", hv_balloon]
         args += extra_args or []
         self.args = args
         self.virtio_mem = {_option_id(o): VirtioMemHandle(self, _option_id(o)) for o in virtio_mem or []}
+        self.hv_balloon = HvBalloonHandle(self) if hv_balloon is not None else None
         self.log_path = Path(log_path) if log_path else self.dir / "console.log"
         self._console = bytearray()
         self._console_cond = threading.Condition()
@@ -257,3 +260,26 @@ class VirtioMemHandle:
         """Wait until the device reports `size` bytes plugged (the guest driver acted)."""
         self.vm.wait_for(lambda: self.plugged == size, timeout, interval=0.5,
                          what=f"virtio-mem {self.id} to reach {size} bytes plugged")
+
+
+class HvBalloonHandle:
+    """`vm.hv_balloon`: set the guest's target size and wait until the guest got there."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    def set_target(self, size: int) -> None:
+        """QMP `balloon`: below the boot size the guest balloons, above it memory is hot-added."""
+        self.vm.qmp.execute("balloon", {"value": int(size)})
+
+    @property
+    def actual(self) -> int:
+        return self.vm.qmp.execute("query-balloon")["actual"]
+
+    def status_report(self) -> dict:
+        return self.vm.qmp.execute("query-hv-balloon-status-report")
+
+    def wait_actual(self, size: int, timeout: float) -> None:
+        """Wait until the device reports `size` bytes (boot + hot-added - ballooned)."""
+        self.vm.wait_for(lambda: self.actual == size, timeout, interval=0.5,
+                         what=f"hv-balloon to reach {size} bytes")

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hyperv", action="store_true",
                      help="present a Hyper-V partition (hypercalls, SynIC, crash MSRs) instead of KVM's "
                           "signature; the guest then runs on the TSC, not kvm-clock")
+    run.add_argument("--hv-balloon", metavar="OPTS",
+                     help="a Hyper-V Dynamic Memory balloon on VMBus (implies --hyperv): "
+                          "id=hvb0[,memdev-size=4G][,status-report=on]")
     run.add_argument("--no-reboot", action="store_true", help="exit (status 0) when the guest reboots or resets")
     run.add_argument("--trace", action="store_true", help="log every exit to stderr (slow)")
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
@@ -141,10 +144,11 @@ def _run(args) -> int:
                         format="pyvmm: %(levelname)s: %(message)s")
     if not 1 <= args.cpus <= 8:
         raise UsageError("--cpus must be between 1 and 8")
-    from vmm.device_options import DeviceOptionError, parse_virtio_mem
+    from vmm.device_options import DeviceOptionError, parse_hv_balloon, parse_virtio_mem
 
     try:
         virtio_mem = [parse_virtio_mem(text) for text in args.virtio_mem]
+        hv_balloon = parse_hv_balloon(args.hv_balloon) if args.hv_balloon else None
     except DeviceOptionError as e:
         raise UsageError(str(e)) from None
     kernel, initrd, system_map = _resolve_guest(args)
@@ -154,7 +158,7 @@ def _run(args) -> int:
                         backend=args.memory_backend, cpu_features=args.cpu_features, cmdline=args.cmdline,
                         append=args.append, serial1=args.serial1, no_reboot=args.no_reboot, trace=args.trace,
                         system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem,
-                        hyperv=args.hyperv)
+                        hyperv=args.hyperv or hv_balloon is not None, hv_balloon=hv_balloon)
     try:
         machine = Machine(cfg)
     except (KvmUnavailable, KernelImageError, MachineError, HostMemoryError, CpuFeatureError) as e:
@@ -166,12 +170,14 @@ def _run(args) -> int:
     if args.qmp:
         from pyvmm.qmp.server import QmpServer
 
+        from pyvmm.qmp.balloon_commands import register_balloon_commands
         from pyvmm.qmp.cpu_commands import register_cpu_commands
         from pyvmm.qmp.memory_commands import register_memory_commands
 
         qmp = QmpServer(machine, args.qmp)
         register_memory_commands(qmp.commands, qmp.hmp, machine)
         register_cpu_commands(qmp.commands, qmp.hmp, machine)
+        register_balloon_commands(qmp.commands, qmp.hmp, machine)
         qmp.start()
     try:
         with terminal:

@@ -74,3 +74,31 @@ def parse_virtio_mem(text: str) -> VirtioMemOptions:
     return VirtioMemOptions(id=kv["id"], size=size("size", 0), requested_size=size("requested-size", 0),
                             block_size=size("block-size", 2 << 20), node=int(node) if node is not None else None,
                             memslot_size=size("memslot-size", None), backend=backend, prealloc=_ON[prealloc])
+
+
+@dataclass(frozen=True)
+class HvBalloonOptions:
+    id: str
+    memdev_size: int = 0        # hot-add region; 0 = balloon only
+    status_report: bool = False
+
+
+def parse_hv_balloon(text: str) -> HvBalloonOptions:
+    option = "--hv-balloon"
+    kv = _pairs(text, option)
+    known = {"id", "memdev-size", "status-report"}
+    unknown = sorted(set(kv) - known)
+    if unknown:
+        raise DeviceOptionError(f"{option}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if "id" not in kv:
+        raise DeviceOptionError(f"{option}: id= is required, e.g. id=hvb0,memdev-size=4G")
+    memdev_size = 0
+    if "memdev-size" in kv:
+        try:
+            memdev_size = parse_size(kv["memdev-size"])
+        except ValueError as e:
+            raise DeviceOptionError(f"{option}: memdev-size: {e}") from None
+    report = kv.get("status-report", "off").lower()
+    if report not in _ON:
+        raise DeviceOptionError(f"{option}: status-report must be on or off")
+    return HvBalloonOptions(id=kv["id"], memdev_size=memdev_size, status_report=_ON[report])

@@ -23,6 +23,8 @@ from devices.acpi_pm import AcpiPmRegisters, I8042ResetPort
 from devices.hyperv import hv_abi
 from devices.hyperv.cpuid import with_hyperv_leaves
 from devices.hyperv.hypercalls import HV_HYPERCALL_PORT, HV_HYPERCALL_PORT_SIZE
+from devices.hyperv.balloon import HvBalloon
+from devices.hyperv.balloon_memory import HotAddSlots, MemslotDiscard
 from devices.hyperv.partition import HyperV
 from devices.vmbus import VmBus
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
@@ -39,7 +41,7 @@ from vmm.hostinfo import host_kernel_params
 from vmm.hostmem import PAGE_SIZE, HostMapping, format_size
 from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
 from vmm.kvm_abi import ffi
-from vmm.device_options import VirtioMemOptions
+from vmm.device_options import HvBalloonOptions, VirtioMemOptions
 from vmm.memory import MMIO_HOLE_END, GuestMemory, ram_end, ram_layout
 from vmm.memslots import MemslotManager
 from vmm.msr import MsrDispatch, MsrFault, deny_filter_range
@@ -108,6 +110,7 @@ class MachineConfig:
     system_map: Path | None = None
     console_output: Callable[[bytes], None] | None = None
     virtio_mem: list[VirtioMemOptions] = field(default_factory=list)
+    hv_balloon: HvBalloonOptions | None = None   # needs hyperv
     hyperv: bool = False                # the Hyper-V synthetic layer (devices/hyperv), in user space
 
 
@@ -184,10 +187,13 @@ class Machine:
         self._build_memory_devices()
         self._cpuid_template, self._hidden_features = self._cpuid_template_for(config)
         self.vmbus: VmBus | None = None
+        self.hv_balloon: HvBalloon | None = None
         if config.hyperv:
             self.hyperv = self._build_hyperv()
             self._cpuid_template = with_hyperv_leaves(self._cpuid_template, self.hyperv.cpuid_leaves())
             self.vmbus = VmBus(self.hyperv.synic, self.hyperv.connections, self.memory)
+            if config.hv_balloon is not None:
+                self.hv_balloon = self._build_hv_balloon(config.hv_balloon)
             # Linux's hv_vmbus binds to this ACPI device and walks its (empty) _CRS.
             self.acpi_devices.append(AcpiDevice(name="VMBS", hid=VMBUS_ACPI_HID, empty_crs=True))
         self.vcpus: list[Vcpu] = []
@@ -274,6 +280,7 @@ class Machine:
                 raise MachineError(f"cannot place virtio-mem {opt.id}: {e}") from None
             self.virtio_mem[opt.id] = dev
             next_addr = addr + opt.size
+        self._memory_devices_end = next_addr  # hv-balloon's hot-add region goes above
 
     def _cpuid_template_for(self, cfg: MachineConfig) -> tuple[list[dict], list[str]]:
         policy = cpuid.CpuidPolicy.parse(cfg.cpu_features)
@@ -306,6 +313,27 @@ class Machine:
         self.msrs.add_range(hv_abi.HV_MSR_RANGE_FIRST, hv_abi.HV_MSR_RANGE_LAST, hyperv)
         self.pio.register(HV_HYPERCALL_PORT, HV_HYPERCALL_PORT_SIZE, hyperv.hypercall_device, "hv-hypercall")
         return hyperv
+
+    def _build_hv_balloon(self, opt: HvBalloonOptions) -> HvBalloon:
+        """The Dynamic Memory device on VMBus. Its hot-add region sits above RAM and every
+        virtio-mem region; only the part the guest has been given is mapped, in slots."""
+        hot_add = None
+        gpa = _align_up(self._memory_devices_end, MEMORY_DEVICE_ALIGN)
+        if opt.memdev_size:
+            if opt.memdev_size % MEMORY_DEVICE_ALIGN:
+                raise MachineError(f"--hv-balloon: memdev-size must be a multiple of "
+                                   f"{format_size(MEMORY_DEVICE_ALIGN)} (the guest's memory block)")
+            mapping = HostMapping(opt.memdev_size, "anon", f"hv-balloon:{opt.id}")  # address space only
+            hot_add = HotAddSlots(self.slots, mapping, gpa)
+            self._memory_devices_end = gpa + opt.memdev_size
+        dev = HvBalloon(opt.id, boot_ram=ram_layout(self.config.memory),
+                        memory=MemslotDiscard(self.slots), hot_add_gpa=gpa if opt.memdev_size else None,
+                        hot_add_size=opt.memdev_size, hot_add=hot_add)
+        if opt.status_report:
+            dev.status_listener = lambda report: self.emit("HV_BALLOON_STATUS_REPORT", report)
+        dev.actual_listener = lambda actual: self.emit("BALLOON_CHANGE", {"actual": actual})
+        self.vmbus.add_device(dev)
+        return dev
 
     def _signal_vp(self, vp: int, vector: int) -> None:
         """A fixed, edge-triggered interrupt to VP `vp` (its APIC id is its vCPU index)."""
@@ -492,6 +520,8 @@ class Machine:
             dev.system_reset()  # a machine reset unplugs everything (a device reset must not)
         if self.vmbus is not None:
             self.vmbus.reset()  # channels closed, GPADLs dropped: the next kernel connects anew
+        if self.hv_balloon is not None:
+            self.hv_balloon.reset()  # back to the boot size, hot-add slots dropped
         if self.hyperv is not None:
             self.hyperv.reset()
         for cb in list(self._reset_hooks):
@@ -735,6 +765,7 @@ class Machine:
             "msrs": self.msrs.stats(),
             "hyperv": self.hyperv.stats() if self.hyperv is not None else None,
             "vmbus": self.vmbus.stats() if self.vmbus is not None else None,
+            "hv-balloon": self.hv_balloon.stats() if self.hv_balloon is not None else None,
         }
 
     def close(self) -> None:

@@ -188,6 +188,8 @@ class HvBalloon:
         self.id = id
         self.instance_id = instance_id if instance_id is not None else uuid.uuid5(HV_DM_GUID, f"pyvmm:{id}")
         self.status_listener = status_listener
+        # Called with the new `actual` (bytes) whenever the guest's size changed (BALLOON_CHANGE).
+        self.actual_listener: Callable[[int], None] | None = None
         self.send_info = send_info
         self._memory = memory
         self._hot_add = hot_add
@@ -272,6 +274,7 @@ class HvBalloon:
     def packet(self, channel: VmbusChannel, payload: bytes, trans_id: int) -> None:
         events: list[dict] = []
         with self._lock:
+            before = self._current_pages()
             started = time.perf_counter_ns()
             try:
                 name = self._packet_locked(channel, payload, events)
@@ -281,8 +284,11 @@ class HvBalloon:
                 name = None
             if name is not None:
                 self._timing.setdefault(name, _Timing()).add(time.perf_counter_ns() - started)
+            after = self._current_pages()
         self._flush()
         self._deliver(events)
+        if after != before:
+            self._actual_changed(after * PAGE)
 
     def closed(self) -> None:
         with self._lock:
@@ -309,6 +315,21 @@ class HvBalloon:
     def poll(self) -> None:
         """Retry messages the ring had no room for."""
         self._flush()
+
+    def writable(self, channel: VmbusChannel) -> None:
+        """VMBus: the guest made room in its inbound ring after a refused send."""
+        self._flush()
+
+    def _actual_changed(self, actual: int) -> None:
+        listener = self.actual_listener
+        if listener is None:
+            return
+        try:
+            listener(actual)
+        except Exception:
+            with self._lock:
+                self._errors["listener"] += 1
+            log.exception("hv-balloon %s: size listener failed", self.id)
 
     # ------------------------------------------------------------------ control plane
     def set_target(self, size_bytes: int) -> None:

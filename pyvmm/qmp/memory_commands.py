@@ -38,7 +38,11 @@ def _getters(dev) -> dict[str, Callable[[], Any]]:
 
 def register_memory_commands(commands, hmp, machine) -> None:
     def query_memory_devices(args: dict) -> list[dict]:
-        return [{"type": "virtio-mem", "data": dev.info()} for dev in machine.virtio_mem.values()]
+        out = [{"type": "virtio-mem", "data": dev.info()} for dev in machine.virtio_mem.values()]
+        balloon = getattr(machine, "hv_balloon", None)
+        if balloon is not None:
+            out.append({"type": "hv-balloon", "data": balloon.info()})
+        return out
 
     def qom_set(args: dict) -> dict:
         dev = _device(machine, args["path"])
@@ -65,9 +69,9 @@ def register_memory_commands(commands, hmp, machine) -> None:
 
     def info_memory_devices() -> str:
         lines = []
-        for dev in machine.virtio_mem.values():
-            info = dev.info()
-            lines.append(f'Memory device [virtio-mem]: "{info["id"]}"')
+        for entry in query_memory_devices({}):
+            info = entry["data"]
+            lines.append(f'Memory device [{entry["type"]}]: "{info["id"]}"')
             for key in ("memaddr", "node", "requested-size", "size", "max-size", "block-size", "memdev"):
                 if key in info and info[key] is not None:
                     lines.append(f"  {key}: {info[key]}")
