@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs, 1 to 8 (default 1)")
     run.add_argument("--memory-backend", default="anon", choices=("anon", "memfd", "hugetlb"),
                      help="how guest RAM is backed (default anon)")
+    run.add_argument("--mem-prealloc", action="store_true",
+                     help="fault all guest RAM in at start and after each reset (as QEMU's -mem-prealloc)")
     run.add_argument("--cpu-features", metavar="SPEC",
                      help="CPUID policy: 'default', 'host', or e.g. 'default,+popcnt,-sse4_2'")
     run.add_argument("--serial1", type=_unix_path, metavar="unix:PATH", help="serve ttyS1 (the guest agent) on a unix socket")
@@ -158,7 +160,8 @@ def _run(args) -> int:
                         backend=args.memory_backend, cpu_features=args.cpu_features, cmdline=args.cmdline,
                         append=args.append, serial1=args.serial1, no_reboot=args.no_reboot, trace=args.trace,
                         system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem,
-                        hyperv=args.hyperv or hv_balloon is not None, hv_balloon=hv_balloon)
+                        hyperv=args.hyperv or hv_balloon is not None, hv_balloon=hv_balloon,
+                        mem_prealloc=args.mem_prealloc)
     try:
         machine = Machine(cfg)
     except (KvmUnavailable, KernelImageError, MachineError, HostMemoryError, CpuFeatureError) as e:

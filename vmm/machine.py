@@ -111,6 +111,7 @@ class MachineConfig:
     console_output: Callable[[bytes], None] | None = None
     virtio_mem: list[VirtioMemOptions] = field(default_factory=list)
     hv_balloon: HvBalloonOptions | None = None   # needs hyperv
+    mem_prealloc: bool = False          # fault all of RAM in at start and after each reset
     hyperv: bool = False                # the Hyper-V synthetic layer (devices/hyperv), in user space
 
 
@@ -173,6 +174,8 @@ class Machine:
         self.slots = MemslotManager(self.vm, self.kvm.check_extension(abi.KVM_CAP_NR_MEMSLOTS) or 32764)
         self.memory = GuestMemory(self.slots)
         self.ram = HostMapping(config.memory, config.backend, "ram")
+        if config.mem_prealloc:
+            self.ram.populate(0, self.ram.size)
         for r in ram_layout(config.memory):
             try:
                 self.slots.add(r.gpa, r.size, self.ram, r.offset, owner="ram")
@@ -527,6 +530,8 @@ class Machine:
         for cb in list(self._reset_hooks):
             cb()
         self.ram.discard(0, self.ram.size)
+        if self.config.mem_prealloc:
+            self.ram.populate(0, self.ram.size)
         self._load_guest()
         self.emit("RESET", {"guest": why == "guest", "reason": "guest-reset" if why == "guest" else why})
         self._resume_vcpus()

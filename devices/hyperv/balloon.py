@@ -340,13 +340,17 @@ class HvBalloon:
             raise ValueError(f"hv-balloon {self.id}: target must be an integer of at least {PAGE} bytes, "
                              f"not {size_bytes!r}")
         with self._lock:
+            before = self._current_pages()
             self._target_pages = size_bytes // PAGE
             self._balloon_floor = False
             if self._hot_add_stop in TRANSIENT_HOT_ADD_STOPS:
                 self._hot_add_stop = None
             self._counters["targets-set"] += 1
             self._drive()
+            after = self._current_pages()  # an unballoon hands pages back as it is sent
         self._flush()
+        if after != before:
+            self._actual_changed(after * PAGE)
 
     @property
     def target(self) -> int:

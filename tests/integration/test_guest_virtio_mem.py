@@ -15,6 +15,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 import pyvmm
 from tests.integration.guest_support import BOOT_TIMEOUT, REBOOT_TIMEOUT, require_guest
+from tests.procfs import region_rss
 from tests.qemu_qmp import next_event, qmp_session
 
 MiB = 1 << 20
@@ -78,20 +79,6 @@ def slots_of(vm: pyvmm.VM, dev: str) -> list[dict]:
     return [s for s in qmp(vm, "query-memslots") if s["owner"] == f"virtio-mem:{dev}"]
 
 
-def region_rss(vm: pyvmm.VM, host_lo: int, host_hi: int) -> int:
-    """Resident bytes of pyvmm's host mappings inside [host_lo, host_hi) (from smaps)."""
-    total, inside = 0, False
-    with open(f"/proc/{vm.pid}/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo < host_hi and hi > host_lo
-            elif inside and head == "Rss:":
-                total += int(line.split()[1]) * 1024
-    return total
-
-
 def test_guest_binds_both_devices(vm: pyvmm.VM) -> None:
     drivers = [d.get("driver") for d in vm.agent.devices() if d.get("bus") == "virtio"]
     assert drivers.count("virtio_mem") == 2, vm.agent.devices()
@@ -129,7 +116,7 @@ def test_unplug_to_zero_shrinks_memtotal_removes_slots_and_frees_host_memory(vm:
     host_hi = host_lo + info["max-size"]
     # tmpfs pages are movable allocations, which prefer ZONE_MOVABLE: only the plugged memory has it.
     vm.agent.pattern_fill("/tmp/in-plugged", 8 * MiB, seed=99)
-    resident = region_rss(vm, host_lo, host_hi)
+    resident = region_rss(vm.pid, host_lo, host_hi)
     assert resident >= 4 * MiB, "the guest's data should have landed in the plugged memory"
     vm.agent.pattern_free("/tmp/in-plugged")
     total = vm.agent.meminfo()["MemTotal"]
@@ -138,7 +125,7 @@ def test_unplug_to_zero_shrinks_memtotal_removes_slots_and_frees_host_memory(vm:
                 what="MemTotal to shrink by 512 MiB")
     assert slots_of(vm, "vm0") == []
     # Unplugged memory is discarded on the host: nothing of the region stays resident.
-    assert region_rss(vm, host_lo, host_hi) < 1 * MiB
+    assert region_rss(vm.pid, host_lo, host_hi) < 1 * MiB
 
 
 def test_qmp_rejects_bad_values(vm: pyvmm.VM) -> None:

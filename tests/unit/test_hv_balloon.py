@@ -588,3 +588,13 @@ def test_boot_ram_accepts_ram_layout_and_a_callable() -> None:
     assert dev.boot_size == 4 * GiB and dev.query() == {"actual": 4 * GiB}
     dev = HvBalloon("b", boot_ram=lambda: [(0, 16 * MiB)], memory=FakeMemory())
     assert dev.boot_size == 16 * MiB and dev.info() == {"id": "b", "max-size": 0}
+
+
+def test_actual_listener_sees_balloon_and_unballoon() -> None:
+    """BALLOON_CHANGE material: every change of `actual`, from a guest answer or a request."""
+    rig = Rig()
+    seen: list[int] = []
+    rig.dev.actual_listener = seen.append
+    rig.target(48 * MiB)   # the guest answers the balloon request
+    rig.target(64 * MiB)   # the unballoon request hands the pages back as it is sent
+    assert seen == [48 * MiB, 64 * MiB]
