@@ -96,6 +96,7 @@ from devices.hyperv.balloon_protocol import (
 )
 from devices.hyperv.interfaces import VmbusChannel
 from devices.hyperv.page_ranges import PageRanges
+from devices.listeners import notify
 
 log = logging.getLogger("pyvmm.hv-balloon")
 
@@ -321,15 +322,9 @@ class HvBalloon:
         self._flush()
 
     def _actual_changed(self, actual: int) -> None:
-        listener = self.actual_listener
-        if listener is None:
-            return
-        try:
-            listener(actual)
-        except Exception:
+        if notify(self.actual_listener, [actual], log, f"hv-balloon {self.id}: size"):
             with self._lock:
                 self._errors["listener"] += 1
-            log.exception("hv-balloon %s: size listener failed", self.id)
 
     # ------------------------------------------------------------------ control plane
     def set_target(self, size_bytes: int) -> None:
@@ -770,13 +765,7 @@ class HvBalloon:
                     return
 
     def _deliver(self, events: list[dict]) -> None:
-        listener = self.status_listener
-        if listener is None:
-            return
-        for event in events:
-            try:
-                listener(event)
-            except Exception:
-                with self._lock:
-                    self._errors["listener"] += 1
-                log.exception("hv-balloon %s: status listener failed", self.id)
+        failed = notify(self.status_listener, events, log, f"hv-balloon {self.id}: status")
+        if failed:
+            with self._lock:
+                self._errors["listener"] += failed

@@ -31,6 +31,7 @@ from typing import Callable
 from bitarray import bitarray
 from bitarray.util import intervals
 
+from devices.listeners import notify
 from devices.virtio.device import VIRTIO_ID_MEM, TransportCallbacks, VirtioDevice
 from devices.virtio.mem_slots import SlotMap, default_memslot_size
 from devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
@@ -638,12 +639,7 @@ class VirtioMem(VirtioDevice):
                  "slot-mapped": slot_mapped, "count": count}
         if count == 1:
             log.warning("virtio-mem %s: guest accessed unplugged memory at %#x (%s)", self.id, gpa, kind)
-        listener = self.unplugged_access_listener
-        if listener is not None:
-            try:
-                listener(event)
-            except Exception:  # runs on vCPU threads: a broken listener must not stop the guest
-                log.exception("virtio-mem %s: unplugged-access listener failed", self.id)
+        notify(self.unplugged_access_listener, [event], log, f"virtio-mem {self.id}: unplugged-access")
         return event
 
     def _trap_access(self, offset: int, size: int, data: bytes | None) -> bytes | None:
@@ -681,14 +677,7 @@ class VirtioMem(VirtioDevice):
         return {"id": self.id, "size": self._plugged_size, "qom-path": self.qom_path}
 
     def _fire_size_changes(self, events: list[dict]) -> None:
-        listener = self.size_change_listener
-        if listener is None:
-            return
-        for event in events:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("virtio-mem %s: size-change listener failed", self.id)
+        notify(self.size_change_listener, events, log, f"virtio-mem {self.id}: size-change")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
