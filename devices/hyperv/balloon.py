@@ -248,6 +248,9 @@ class HvBalloon:
         self._ha_request: PageRange | None = None
         self._hot_add_stop: str | None = None
         self._balloon_asked = 0
+        # Pages handed back in unballoon requests the guest has not confirmed yet: they count
+        # as ballooned (not in `actual`) until its DM_UNBALLOON_RESPONSE.
+        self._unballooning = 0
         self._balloon_got = 0
         self._balloon_floor = False
         self._status: dict | None = None
@@ -552,6 +555,7 @@ class HvBalloon:
             self._unexpected_msg("DM_UNBALLOON_RESPONSE")
             return
         self._state = S_IDLE
+        self._unballooning = 0
         self._drive()
 
     def _on_hot_add_response(self, msg: HotAddResponse, events: list[dict]) -> None:
@@ -638,6 +642,7 @@ class HvBalloon:
             self._queue(UnballoonRequest(trans_id, i < len(messages) - 1, tuple(group)))
         self._counters["unballoon-requests"] += 1
         self._counters["unballoon-messages"] += len(messages)
+        self._unballooning = sum(count for _, count in ranges)
         self._state = S_UNBALLOON
 
     def _hot_add_window(self) -> tuple[int, int]:
@@ -679,7 +684,7 @@ class HvBalloon:
 
     # ------------------------------------------------------------------ helpers (lock held)
     def _current_pages(self) -> int:
-        return self._boot.pages + self._hot_added.pages - self._ballooned.pages
+        return self._boot.pages + self._hot_added.pages - self._ballooned.pages - self._unballooning
 
     def _max_pages(self) -> int:
         return self._boot.pages + self.hot_add_size // PAGE
@@ -715,6 +720,7 @@ class HvBalloon:
         self._balloon_asked = self._balloon_got = 0
         self._balloon_floor = False
         self._ballooned.clear()
+        self._unballooning = 0
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -205,6 +205,8 @@ def test_balloon_excess_pages_are_accepted_and_counted() -> None:
     # the device corrects the overshoot at once: 2 of the 3 pages go back
     (unballoon,) = rig.channel.take()
     assert isinstance(unballoon, UnballoonRequest) and sum(r.count for r in unballoon.ranges) == 2
+    assert rig.dev.actual == 64 * MiB - 3 * PAGE  # until the guest confirms the unballoon
+    rig.guest.send(UnballoonResponse(unballoon.trans_id))
     assert rig.dev.actual == 64 * MiB - PAGE
 
 
@@ -596,5 +598,8 @@ def test_actual_listener_sees_balloon_and_unballoon() -> None:
     seen: list[int] = []
     rig.dev.actual_listener = seen.append
     rig.target(48 * MiB)   # the guest answers the balloon request
-    rig.target(64 * MiB)   # the unballoon request hands the pages back as it is sent
-    assert seen == [48 * MiB, 64 * MiB]
+    rig.dev.set_target(64 * MiB)
+    # Unballooned pages count once the guest confirms them (DM_UNBALLOON_RESPONSE).
+    assert seen == [48 * MiB] and rig.dev.actual == 48 * MiB
+    rig.guest.run()
+    assert seen == [48 * MiB, 64 * MiB] and rig.dev.actual == 64 * MiB

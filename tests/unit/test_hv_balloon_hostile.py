@@ -56,6 +56,7 @@ class Model:
         self.unexpected: Counter[str] = Counter()
         self.balloon_outstanding = False
         self.unballoon_pending = False
+        self.unballooning = 0  # pages handed back but not yet confirmed by the guest
         self.hot_add_pending: PageRange | None = None
         self.accepted_since_check: set[int] = set()
 
@@ -69,6 +70,7 @@ class Model:
     def end_session(self) -> None:
         self.ballooned.clear()
         self.balloon_outstanding = self.unballoon_pending = False
+        self.unballooning = 0
         self.hot_add_pending = None
 
     def range_kind(self, start: int, count: int) -> str | None:
@@ -131,6 +133,7 @@ class Harness:
                     pages = set(range(r.start, r.start + r.count))
                     assert r.count > 0 and pages <= m.ballooned, "gave back pages that were not ballooned"
                     m.ballooned -= pages
+                    m.unballooning += len(pages)
                 event("unballoon sent")
                 if not msg.more_pages:
                     m.unballoon_pending = True
@@ -193,6 +196,7 @@ class Harness:
             self.send(UnballoonResponse(self.trans))
             if m.unballoon_pending:
                 m.unballoon_pending = False
+                m.unballooning = 0
             else:
                 m.unexpected["DM_UNBALLOON_RESPONSE"] += 1
         elif kind == "hot-add-response":
@@ -247,7 +251,7 @@ class Harness:
         assert stats["bad-ranges"] == {k: v for k, v in m.bad.items() if v}
         assert stats["unexpected"] == {k: v for k, v in m.unexpected.items() if v}
         assert "internal" not in stats["host-errors"]
-        assert dev.actual == (len(BOOT) + len(m.hot_added) - len(m.ballooned)) * PAGE
+        assert dev.actual == (len(BOOT) + len(m.hot_added) - len(m.ballooned) - m.unballooning) * PAGE
         new = self.memory.discards[self.discards_seen:]
         self.discards_seen = len(self.memory.discards)
         discarded = [p for gpa, size in new for p in range(gpa // PAGE, (gpa + size) // PAGE)]

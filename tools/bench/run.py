@@ -46,22 +46,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--output", type=Path, help="write the markdown report here")
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args()
-
-    sections = []
+def section_exit_loop(args) -> str:
     print("exit loop: pyvmm vs a C loop …", flush=True)
     el = exit_loop.run(repeat=max(args.repeat, 3))
-    sections.append("## vCPU exit loop (µs per port-I/O exit, guest at CPL0)\n\n" + table(
+    return ("## vCPU exit loop (µs per port-I/O exit, guest at CPL0)\n\n" + table(
         ["", "pyvmm (Python, cffi)", "C loop", "ratio"],
         [["median", f"{el['pyvmm_median']:.2f}", f"{el['c_median']:.2f}", f"{el['ratio']:.2f}×"],
          ["runs", ", ".join(f"{x:.2f}" for x in el["pyvmm"]), ", ".join(f"{x:.2f}" for x in el["c"]), ""]]) +
         f"\n\nSame guest code ({el['exits']} `out` instructions) and the same 64-bit boot state in both.")
-    print(sections[-1], flush=True)
 
+
+def section_boot(args) -> str:
     print("boot: pyvmm vs QEMU (this takes minutes on a PVM host) …", flush=True)
     b = boot.run(args.repeat)
     rows = []
@@ -69,24 +64,26 @@ def main() -> int:
         p, q = b["pyvmm"][what], b["qemu"][what]
         rows.append([f"launch to {'/init' if what == 'init' else 'exit (init powers off)'}", f"{p:.1f} s", f"{q:.1f} s",
                      f"{p / q:.2f}×"])
-    sections.append("## Boot, default guest kernel (median of %d)\n\n" % args.repeat + table(
+    return ("## Boot, default guest kernel (median of %d)\n\n" % args.repeat + table(
         ["", "pyvmm", "QEMU microvm", "pyvmm / QEMU"], rows) +
         "\n\nQEMU: `-M microvm -bios qboot.rom -accel kvm -cpu host,-arch-capabilities -m 256M`, PVH entry of the "
         "same vmlinux, same initramfs, same command line plus `" + boot.QEMU_ONLY_PARAMS + "` (QEMU has no "
         "emulation assist). pyvmm: direct 64-bit ELF entry, no firmware.\n\nCommand line: `" + b["cmdline"] + "`")
-    print(sections[-1], flush=True)
 
+
+def section_virtio_mem_startup(args) -> str:
     print("virtio-mem start-up cost …", flush=True)
     sc = virtio_mem.startup_cost(repeat=max(args.repeat, 3))
     base = sc["without"]
     rows = [[name, f"{r['seconds']:.2f} s", f"{r['rss'] / 2**20:.1f} MiB", str(r["memslots"]),
              f"{r['seconds'] / base['seconds']:.2f}×, {(r['rss'] - base['rss']) / 2**20:+.1f} MiB"]
             for name, r in sc.items()]
-    sections.append("## virtio-mem start-up cost (stub guest to its first output, median)\n\n" + table(
+    return ("## virtio-mem start-up cost (stub guest to its first output, median)\n\n" + table(
         ["pyvmm", "launch to guest output", "VMM RSS", "KVM memslots", "against without"], rows) +
         "\n\nThe 1 TiB region is reserved address space only: no memslot until a block is plugged.")
-    print(sections[-1], flush=True)
 
+
+def section_virtio_mem(args) -> str:
     print("virtio-mem plug/unplug: pyvmm vs QEMU virtio-mem-pci (minutes) …", flush=True)
     vm = virtio_mem.throughput()
     py, qe = vm["pyvmm"], vm["qemu"]
@@ -96,22 +93,23 @@ def main() -> int:
             [f"unplug {size} (GiB/s)", f"{py['unplug-gib-s']:.3f}", f"{qe['unplug-gib-s']:.3f}",
              f"{py['unplug-gib-s'] / qe['unplug-gib-s']:.2f}×"]]
     rt = py["request-time-us"]
-    sections.append("## virtio-mem plug/unplug throughput (qom-set to size == requested-size)\n\n" + table(
+    return ("## virtio-mem plug/unplug throughput (qom-set to size == requested-size)\n\n" + table(
         ["", "pyvmm (virtio-mmio)", "QEMU (virtio-mem-pci, q35)", "pyvmm / QEMU"], rows) +
         f"\n\npyvmm host side per request (notify handling to used-ring entry, slot changes included): mean "
         f"{rt['mean']:.1f} µs, max {rt['max']:.1f} µs over {rt['count']} requests; memslots of "
         f"{py['slot-size'] >> 20} MiB: {py['slot-adds']} added, {py['slot-removes']} removed. Same guest kernel, "
         "initramfs and command line; both polled through qemu.qmp every 0.1 s. The guest's own onlining and "
         "offlining work dominates on a PVM host.")
-    print(sections[-1], flush=True)
 
+
+def section_hv_balloon(args) -> str:
     print("hv-balloon: page-range metadata, then balloon/unballoon on the real guest (minutes) …", flush=True)
     rm = hv_balloon.range_metadata()
     hb = hv_balloon.throughput()
     resp = hb["per-message-us"].get("DM_BALLOON_RESPONSE", {"mean": float("nan"), "count": 0})
     rng = hb["per-range-us"]
     size = f"{hb['size'] >> 20} MiB"
-    sections.append("## hv-balloon (Hyper-V Dynamic Memory) on the real guest\n\n" + table(
+    return ("## hv-balloon (Hyper-V Dynamic Memory) on the real guest\n\n" + table(
         ["", "pyvmm", "QEMU hv-balloon (reference, not this run)", "pyvmm / QEMU"],
         [[f"balloon {size} (GB/min)", f"{hb['balloon-gb-min']:.1f}", f"{hv_balloon.QEMU_REFERENCE_BALLOON_GB_MIN:.0f}",
           f"{hb['balloon-gb-min'] / hv_balloon.QEMU_REFERENCE_BALLOON_GB_MIN:.2f}×"],
@@ -125,10 +123,47 @@ def main() -> int:
         f"({rm['us-per-add']:.1f} µs per add): at most {rm['peak-ranges']} disjoint ranges on the way, "
         f"{rm['final-ranges']} at the end, holding {rm['final-bytes']} bytes beyond the empty set's "
         f"{rm['empty-bytes']} bytes.")
-    print(sections[-1], flush=True)
 
+
+SECTIONS = {
+    "exit-loop": section_exit_loop,
+    "boot": section_boot,
+    "virtio-mem-startup": section_virtio_mem_startup,
+    "virtio-mem": section_virtio_mem,
+    "hv-balloon": section_hv_balloon,
+}
+
+
+def merge(old: str, fresh: dict[str, str]) -> list[str]:
+    """The sections of an earlier report, with those just measured replaced (by heading)."""
+    body = old.split(MANUAL_SECTION_MARK)[0]
+    parts = ["## " + part.strip() for part in body.split("\n## ")[1:]]
+    by_heading = {part.splitlines()[0]: part for part in parts}
+    for text in fresh.values():
+        by_heading[text.splitlines()[0]] = text
+    return list(by_heading.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", type=Path, help="write the markdown report here")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--only", action="append", choices=sorted(SECTIONS),
+                    help="run only these benchmarks; the other sections of --output are kept")
+    args = ap.parse_args()
+
+    fresh: dict[str, str] = {}
+    for name, build in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        fresh[name] = build(args)
+        print(fresh[name], flush=True)
+    old = args.output.read_text() if args.output and args.output.exists() else ""
+    sections = merge(old, fresh) if args.only else list(fresh.values())
+    redone = (f"Sections re-measured on {datetime.date.today().isoformat()} with `--only "
+              f"{' '.join(fresh)}`; the others are from the earlier full run.\n\n") if args.only else ""
     report = ("# Benchmarks\n\nWritten by `make bench` on " + datetime.date.today().isoformat() + ".\n\n"
-              "Machine: " + machine_note() + ".\n\n" + "\n\n".join(sections) + "\n")
+              "Machine: " + machine_note() + ".\n\n" + redone + "\n\n".join(sections) + "\n")
     if args.output:
         keep = ""
         if args.output.exists():
