@@ -5,7 +5,10 @@ kernel's virtio/virtio-mem/Hyper-V modules and an /init that prints a marker, th
 `pyvmm run --kernel vmlinuz` and reports when the kernel reached /init and which emulation
 assists it needed. Not part of CI: on a PVM host it takes many minutes.
 
-usage: python tools/stock_kernel.py [--workdir DIR] [--timeout SECONDS]
+usage: python tools/stock_kernel.py [--workdir DIR] [--timeout SECONDS] [--cpu-features SPEC] [--append ARGS]
+
+On a PVM host, the run recorded in docs/benchmarks.md reached /init with
+`--cpu-features default,-ssse3,-sse4_1,-sse4_2,-aes,-pclmulqdq --append cryptomgr.notests`.
 """
 
 from __future__ import annotations
