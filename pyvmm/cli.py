@@ -1,4 +1,4 @@
-"""The `pyvmm` command line: `pyvmm run`, `pyvmm version`.
+"""The `pyvmm` command line: `pyvmm run`, `pyvmm trace summary`, `pyvmm version`.
 
 Every user error (a bad argument, a missing kernel, no /dev/kvm, too much memory) ends in
 one line on stderr and exit status 2, never a traceback.
@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from pyvmm import trace_summary
+
 EXIT_USAGE = 2
 
 EXAMPLES = """\
@@ -23,6 +25,8 @@ examples:
   pyvmm run --initrd my.cpio                 the default kernel with another initramfs
   pyvmm run --serial1 unix:/tmp/agent.sock   the guest agent on ttyS1, served on a socket
   pyvmm run --qmp unix:/tmp/qmp.sock         QMP control socket (qemu.qmp, qmp-shell)
+  pyvmm run --trace run.jsonl                record events (docs/trace-format.md), then
+  pyvmm trace summary run.jsonl              counts and latencies
 
 console keys: Ctrl-A X quits, Ctrl-A H lists the others.
 """
@@ -82,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hyper-V Dynamic Memory balloon on VMBus (implies --hyperv): "
                           "id=hvb0[,memdev-size=4G][,status-report=on]")
     run.add_argument("--no-reboot", action="store_true", help="exit (status 0) when the guest reboots or resets")
-    run.add_argument("--trace", action="store_true", help="log every exit to stderr (slow)")
+    run.add_argument("--trace", type=Path, metavar="FILE",
+                     help="write an event trace (JSON lines, docs/trace-format.md) to FILE")
+    run.add_argument("--trace-exits", action="store_true", help="log every vCPU exit to stderr (slow)")
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
     sub.add_parser("version", help="print the version")
+    trace_summary.add_subcommand(sub)
     return p
 
 
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("pyvmm " + ".".join(map(str, VERSION)))
         return 0
+    if args.command == "trace":
+        return trace_summary.run(args)
     try:
         return _run(args)
     except UsageError as e:
@@ -135,14 +144,7 @@ def _resolve_guest(args) -> tuple[Path, Path | None, Path | None]:
 
 
 def _run(args) -> int:
-    from devices.console import HostTerminal
-    from vmm.boot.kernel import KernelImageError
-    from vmm.cpuid import CpuFeatureError
-    from vmm.hostmem import HostMemoryError
-    from vmm.kvm import KvmError, KvmUnavailable
-    from vmm.machine import Machine, MachineConfig, MachineError
-
-    logging.basicConfig(level=logging.DEBUG if args.trace else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.trace_exits else logging.WARNING,
                         format="pyvmm: %(levelname)s: %(message)s")
     if not 1 <= args.cpus <= 8:
         raise UsageError("--cpus must be between 1 and 8")
@@ -153,15 +155,43 @@ def _run(args) -> int:
         hv_balloon = parse_hv_balloon(args.hv_balloon) if args.hv_balloon else None
     except DeviceOptionError as e:
         raise UsageError(str(e)) from None
-    kernel, initrd, system_map = _resolve_guest(args)
+    guest = _resolve_guest(args)
+    tracer = _open_tracer(args.trace)
+    try:
+        return _run_machine(args, guest, virtio_mem, hv_balloon, tracer)
+    finally:
+        tracer.close()  # after the machine and QMP are gone: trace-end is the last line
+
+
+def _open_tracer(path: Path | None):
+    from vmm.tracing import NULL_TRACER, Tracer
+
+    if path is None:
+        return NULL_TRACER
+    try:
+        return Tracer(path)
+    except OSError as e:
+        raise UsageError(f"cannot write the trace file {path}: {e.strerror or e}") from None
+
+
+def _run_machine(args, guest: tuple[Path, Path | None, Path | None], virtio_mem: list, hv_balloon, tracer) -> int:
+    from devices.console import HostTerminal
+    from vmm.boot.kernel import KernelImageError
+    from vmm.cpuid import CpuFeatureError
+    from vmm.hostmem import HostMemoryError
+    from vmm.kvm import KvmError, KvmUnavailable
+    from vmm.machine import Machine, MachineConfig, MachineError
+
+    kernel, initrd, system_map = guest
     terminal = HostTerminal(on_quit=lambda: machine_ref and machine_ref[0].quit())
     machine_ref: list = []
     cfg = MachineConfig(kernel=kernel, initrd=initrd, memory=args.memory, cpus=args.cpus,
                         backend=args.memory_backend, cpu_features=args.cpu_features, cmdline=args.cmdline,
-                        append=args.append, serial1=args.serial1, no_reboot=args.no_reboot, trace=args.trace,
+                        append=args.append, serial1=args.serial1, no_reboot=args.no_reboot,
+                        trace_exits=args.trace_exits,
                         system_map=system_map, console_output=terminal.write, virtio_mem=virtio_mem,
                         hyperv=args.hyperv or hv_balloon is not None, hv_balloon=hv_balloon,
-                        mem_prealloc=args.mem_prealloc)
+                        mem_prealloc=args.mem_prealloc, tracer=tracer)
     try:
         machine = Machine(cfg)
     except (KvmUnavailable, KernelImageError, MachineError, HostMemoryError, CpuFeatureError) as e:
@@ -177,7 +207,7 @@ def _run(args) -> int:
         from pyvmm.qmp.cpu_commands import register_cpu_commands
         from pyvmm.qmp.memory_commands import register_memory_commands
 
-        qmp = QmpServer(machine, args.qmp)
+        qmp = QmpServer(machine, args.qmp, tracer=tracer)
         register_memory_commands(qmp.commands, qmp.hmp, machine)
         register_cpu_commands(qmp.commands, qmp.hmp, machine)
         register_balloon_commands(qmp.commands, qmp.hmp, machine)

@@ -47,7 +47,7 @@ REQUIRED_CAPS = {
     abi.KVM_CAP_IMMEDIATE_EXIT: "immediate exit (stopping vCPUs)",
 }
 
-# Capabilities reported by `pyvmm run --trace`/stats; absent ones only disable features.
+# Capabilities reported by `pyvmm run --trace-exits`/stats; absent ones only disable features.
 REPORTED_CAPS = {
     "IRQCHIP": abi.KVM_CAP_IRQCHIP,
     "SPLIT_IRQCHIP": abi.KVM_CAP_SPLIT_IRQCHIP,

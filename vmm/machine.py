@@ -46,6 +46,7 @@ from vmm.memory import MMIO_HOLE_END, GuestMemory, ram_end, ram_layout
 from vmm.memslots import MemslotManager
 from vmm.msr import MsrDispatch, MsrFault, deny_filter_range
 from vmm.symbols import Symbols
+from vmm.tracing import NULL_TRACER, AnyTracer
 from vmm.virtio_placement import PlacementError, VirtioPlacement
 from vmm.vcpu import KICK_SIGNAL, Vcpu
 
@@ -106,7 +107,8 @@ class MachineConfig:
     append: str = ""                    # added to the default command line
     serial1: str | None = None          # unix socket path for ttyS1
     no_reboot: bool = False
-    trace: bool = False
+    trace_exits: bool = False           # log every vCPU exit at debug level (slow)
+    tracer: AnyTracer = NULL_TRACER     # the event trace (--trace FILE); the caller closes it
     system_map: Path | None = None
     console_output: Callable[[bytes], None] | None = None
     virtio_mem: list[VirtioMemOptions] = field(default_factory=list)
@@ -171,7 +173,9 @@ class Machine:
         log.debug("KVM capabilities: %s", self.kvm_capabilities)
         self.vm = self.kvm.create_vm()
         self._setup_vm()
+        self.tracer = config.tracer
         self.slots = MemslotManager(self.vm, self.kvm.check_extension(abi.KVM_CAP_NR_MEMSLOTS) or 32764)
+        self.slots.tracer = self.tracer
         self.memory = GuestMemory(self.slots)
         self.ram = HostMapping(config.memory, config.backend, "ram")
         if config.mem_prealloc:
@@ -195,6 +199,7 @@ class Machine:
             self.hyperv = self._build_hyperv()
             self._cpuid_template = with_hyperv_leaves(self._cpuid_template, self.hyperv.cpuid_leaves())
             self.vmbus = VmBus(self.hyperv.synic, self.hyperv.connections, self.memory)
+            self.vmbus.tracer = self.tracer
             if config.hv_balloon is not None:
                 self.hv_balloon = self._build_hv_balloon(config.hv_balloon)
             # Linux's hv_vmbus binds to this ACPI device and walks its (empty) _CRS.
@@ -205,7 +210,7 @@ class Machine:
         for i in range(config.cpus):
             fd = self.vm.create_vcpu(i)
             fd.set_cpuid(cpuid.for_vcpu(self._cpuid_template, i, config.cpus))
-            self.vcpus.append(Vcpu(fd, self, self.pio, self.mmio, trace=config.trace))
+            self.vcpus.append(Vcpu(fd, self, self.pio, self.mmio, trace_exits=config.trace_exits))
             self._initial.append(self._capture_initial_state(fd))
         self._irqchip_initial = [self.vm.get_irqchip(chip) for chip in
                                  (abi.KVM_IRQCHIP_PIC_MASTER, abi.KVM_IRQCHIP_PIC_SLAVE, abi.KVM_IRQCHIP_IOAPIC)]
@@ -275,6 +280,8 @@ class Machine:
             except ValueError as e:
                 raise MachineError(str(e)) from None
             dev.size_change_listener = lambda data: self.emit("MEMORY_DEVICE_SIZE_CHANGE", data)
+            dev.tracer = self.tracer
+            dev.trace_description()
             dev.unplugged_access_listener = lambda data: self.emit("PYVMM_UNPLUGGED_MEMORY_ACCESS", data)
             try:
                 self.virtio.add(dev, f"virtio-mem-{opt.id}")
@@ -335,6 +342,8 @@ class Machine:
         if opt.status_report:
             dev.status_listener = lambda report: self.emit("HV_BALLOON_STATUS_REPORT", report)
         dev.actual_listener = lambda actual: self.emit("BALLOON_CHANGE", {"actual": actual})
+        dev.tracer = self.tracer
+        dev.trace_description()
         self.vmbus.add_device(dev)
         return dev
 
@@ -783,6 +792,7 @@ class Machine:
             "hyperv": self.hyperv.stats() if self.hyperv is not None else None,
             "vmbus": self.vmbus.stats() if self.vmbus is not None else None,
             "hv-balloon": self.hv_balloon.stats() if self.hv_balloon is not None else None,
+            "trace": self.tracer.stats(),
         }
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from vmm.hostmem import PAGE_SIZE, HostMapping
+from vmm.tracing import NULL_TRACER, AnyTracer
 
 
 class MemslotError(Exception):
@@ -73,6 +74,7 @@ class MemslotManager:
         self._next_slot = 0
         self.stats = MemslotStats()
         self._listeners: list[Callable[[str, Memslot], None]] = []
+        self.tracer: AnyTracer = NULL_TRACER  # set by the machine
 
     def add_listener(self, cb: Callable[[str, Memslot], None]) -> None:
         """cb("add"|"remove", slot) after each change (tracing, stats)."""
@@ -97,10 +99,13 @@ class MemslotManager:
             except Exception:
                 self._free.append(slot_id)
                 raise
-            self.stats.add_ns += time.monotonic_ns() - t0
+            elapsed = time.monotonic_ns() - t0
+            self.stats.add_ns += elapsed
             self.stats.adds += 1
             ms = Memslot(slot_id, gpa, size, mapping, offset, owner, flags)
             self._snap = _Snapshot(snap.starts[:i] + [gpa] + snap.starts[i:], snap.slots[:i] + [ms] + snap.slots[i:])
+            if self.tracer.enabled:  # under the lock: the trace orders slot changes as KVM saw them
+                self._trace("memslot.add", ms, elapsed)
         for cb in self._listeners:
             cb("add", ms)
         return ms
@@ -112,13 +117,19 @@ class MemslotManager:
                 raise MemslotError(f"memslot {ms.slot} is not registered")
             t0 = time.monotonic_ns()
             self._backend.set_user_memory_region(ms.slot, ms.gpa, 0, ms.host_addr, ms.flags)
-            self.stats.remove_ns += time.monotonic_ns() - t0
+            elapsed = time.monotonic_ns() - t0
+            self.stats.remove_ns += elapsed
             self.stats.removes += 1
             i = snap.slots.index(ms)
             self._snap = _Snapshot(snap.starts[:i] + snap.starts[i + 1:], snap.slots[:i] + snap.slots[i + 1:])
             self._free.append(ms.slot)
+            if self.tracer.enabled:
+                self._trace("memslot.remove", ms, elapsed)
         for cb in self._listeners:
             cb("remove", ms)
+
+    def _trace(self, ev: str, ms: Memslot, elapsed_ns: int) -> None:
+        self.tracer.emit(ev, slot=ms.slot, gpa=ms.gpa, size=ms.size, owner=ms.owner, us=round(elapsed_ns / 1000, 1))
 
     def _alloc_slot_id(self) -> int:
         if self._free:

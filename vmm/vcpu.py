@@ -51,13 +51,13 @@ class VcpuHost(Protocol):
 
 
 class Vcpu:
-    def __init__(self, fd: VcpuFd, host: VcpuHost, pio: Bus, mmio: Bus, trace: bool = False) -> None:
+    def __init__(self, fd: VcpuFd, host: VcpuHost, pio: Bus, mmio: Bus, trace_exits: bool = False) -> None:
         self.fd = fd
         self.index = fd.index
         self.host = host
         self.pio = pio
         self.mmio = mmio
-        self.trace = trace
+        self.trace_exits = trace_exits  # log every exit at debug level
         self.exit_counts = [0] * MAX_EXIT_REASON
         self.native_id: int | None = None
         self._thread: threading.Thread | None = None
@@ -145,7 +145,7 @@ class Vcpu:
         ioctl, vcpu_fd, KVM_RUN, NULL = libc.ioctl, fd.fd, abi.KVM_RUN, ffi.NULL
         EXIT_IO, EXIT_MMIO, IO_OUT = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_IO_OUT
         KICKED = (errno.EINTR, errno.EAGAIN)
-        trace = self.trace
+        trace = self.trace_exits
         self.native_id = threading.get_native_id()
         # Stop and pause requests always come with a kick (immediate_exit, then a signal), so
         # the flags need checking only after a kick or a slow exit, not on every I/O exit.

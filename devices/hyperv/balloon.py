@@ -97,6 +97,7 @@ from devices.hyperv.balloon_protocol import (
 from devices.hyperv.interfaces import VmbusChannel
 from devices.hyperv.page_ranges import PageRanges
 from devices.listeners import notify
+from vmm.tracing import NULL_TRACER, AnyTracer
 
 log = logging.getLogger("pyvmm.hv-balloon")
 
@@ -163,6 +164,34 @@ class _Outgoing:
     payload: bytes
     trans_id: int
     name: str
+    facts: dict | None = None  # for the trace, only when tracing
+
+
+def _message_facts(msg: Any) -> dict:
+    """What a trace line says about a DM message besides its name: the transaction, pages
+    and ranges moved, the protocol answers."""
+    facts: dict[str, Any] = {"transaction": msg.trans_id}
+    if isinstance(msg, BalloonRequest):
+        facts["pages"] = msg.num_pages
+    elif isinstance(msg, (BalloonResponse, UnballoonRequest)):
+        facts["pages"] = sum(r.count for r in msg.ranges)
+        facts["ranges"] = len(msg.ranges)
+        facts["more_pages"] = bool(msg.more_pages)
+    elif isinstance(msg, HotAddRequest):
+        facts["pages"] = msg.range.count
+        facts["gpa"] = msg.range.start * PAGE
+    elif isinstance(msg, HotAddResponse):
+        facts["pages"] = msg.page_count
+        facts["result"] = msg.result
+    elif isinstance(msg, VersionRequest):
+        facts["version"] = f"{DYNMEM_MAJOR_VERSION(msg.version)}.{DYNMEM_MINOR_VERSION(msg.version)}"
+    elif isinstance(msg, (VersionResponse, CapabilitiesResponse)):
+        facts["accepted"] = bool(msg.is_accepted)
+    elif isinstance(msg, CapabilitiesReport):
+        facts.update(balloon=msg.balloon, hot_add=msg.hot_add, hot_add_alignment=msg.hot_add_alignment_bytes)
+    elif isinstance(msg, StatusReport):
+        facts.update(committed=msg.num_committed * PAGE, available=msg.num_avail * PAGE)
+    return facts
 
 
 def _ram_ranges(boot_ram: Iterable[Any] | Callable[[], Iterable[Any]]) -> list[tuple[int, int]]:
@@ -181,6 +210,7 @@ class HvBalloon:
 
     name = "hv-balloon"
     class_id = HV_DM_GUID
+    tracer: AnyTracer = NULL_TRACER  # the machine sets its own
 
     def __init__(self, id: str, *, boot_ram: Iterable[Any] | Callable[[], Iterable[Any]], memory: BalloonMemory,
                  hot_add_gpa: int | None = None, hot_add_size: int = 0, hot_add: HotAddMemory | None = None,
@@ -265,6 +295,7 @@ class HvBalloon:
         self._timing: dict[str, _Timing] = {}
         self._range_timing = _Timing()
         self._warned: set[str] = set()
+        self._traced_state: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ VmbusDevice
     def opened(self, channel: VmbusChannel) -> None:
@@ -289,6 +320,8 @@ class HvBalloon:
             if name is not None:
                 self._timing.setdefault(name, _Timing()).add(time.perf_counter_ns() - started)
             after = self._current_pages()
+            if self.tracer.enabled:
+                self._trace_state_locked()
         self._flush()
         self._deliver(events)
         if after != before:
@@ -297,6 +330,8 @@ class HvBalloon:
     def closed(self) -> None:
         with self._lock:
             self._end_session_locked()
+            if self.tracer.enabled:
+                self._trace_state_locked()
 
     # ------------------------------------------------------------------ machine
     def reset(self) -> None:
@@ -315,6 +350,8 @@ class HvBalloon:
                 except Exception as e:
                     self._errors["unmap"] += 1
                     self._warn_once("unmap", f"dropping the hot-add slots failed: {e}")
+            if self.tracer.enabled:
+                self._trace_state_locked()
 
     def poll(self) -> None:
         """Retry messages the ring had no room for."""
@@ -346,6 +383,8 @@ class HvBalloon:
             self._counters["targets-set"] += 1
             self._drive()
             after = self._current_pages()  # an unballoon hands pages back as it is sent
+            if self.tracer.enabled:
+                self._trace_state_locked()
         self._flush()
         if after != before:
             self._actual_changed(after * PAGE)
@@ -445,9 +484,13 @@ class HvBalloon:
         except DmProtocolError as e:
             self._malformed[e.kind] += 1
             self._warn_once(f"malformed-{e.kind}", f"malformed DM message refused ({e})")
+            if self.tracer.enabled:
+                self.tracer.emit("hv-balloon.message", dir="guest", type="malformed", kind=e.kind)
             return None
         name = message_name(msg.msg_type)
         self._received[name] += 1
+        if self.tracer.enabled:
+            self.tracer.emit("hv-balloon.message", dir="guest", type=name, **_message_facts(msg))
         handler = self._HANDLERS.get(type(msg))
         if handler is None:  # a host -> guest type, or DM_ERROR
             self._unexpected[name] += 1
@@ -496,6 +539,8 @@ class HvBalloon:
             return
         report = {"committed": msg.num_committed * PAGE, "available": msg.num_avail * PAGE}
         self._status = report
+        if self.tracer.enabled:
+            self.tracer.emit("hv-balloon.status", id=self.id, **report)
         if self.status_listener is not None:
             events.append(dict(report))
 
@@ -682,6 +727,26 @@ class HvBalloon:
         self._counters["hot-add-requests"] += 1
         self._state = S_HOT_ADD
 
+    # ------------------------------------------------------------------ tracing
+    def trace_description(self) -> None:
+        """The device and its starting sizes, once, when tracing starts."""
+        if self.tracer.enabled:
+            self.tracer.emit("hv-balloon.device", id=self.id, memdev_size=self.hot_add_size,
+                             hot_add_addr=self.hot_add_gpa, boot_size=self.boot_size)
+            with self._lock:
+                self._trace_state_locked()
+
+    def _trace_state_locked(self) -> None:
+        """An `hv-balloon.state` line if target, ballooned or hot-added size changed."""
+        target = self.boot_size if self._target_pages is None else self._target_pages * PAGE
+        ballooned = (self._ballooned.pages + self._unballooning) * PAGE  # unconfirmed unballoons count
+        hot_added = self._hot_added.pages * PAGE
+        state = (target, ballooned, hot_added)
+        if state != self._traced_state:
+            self._traced_state = state
+            self.tracer.emit("hv-balloon.state", id=self.id, target=target, ballooned=ballooned,
+                             hot_added=hot_added, actual=self._current_pages() * PAGE)
+
     # ------------------------------------------------------------------ helpers (lock held)
     def _current_pages(self) -> int:
         return self._boot.pages + self._hot_added.pages - self._ballooned.pages - self._unballooning
@@ -730,7 +795,8 @@ class HvBalloon:
     # ------------------------------------------------------------------ sending
     def _queue(self, msg: Any) -> None:
         assert self._channel is not None
-        self._outbox.append(_Outgoing(self._channel, msg.pack(), msg.trans_id, message_name(msg.msg_type)))
+        facts = _message_facts(msg) if self.tracer.enabled else None
+        self._outbox.append(_Outgoing(self._channel, msg.pack(), msg.trans_id, message_name(msg.msg_type), facts))
 
     def _flush(self) -> None:
         """Send queued messages in order, without the device lock. Only one thread sends at
@@ -762,6 +828,8 @@ class HvBalloon:
                         if self._outbox and self._outbox[0] is out:  # not dropped by closed()/reset()
                             self._outbox.popleft()
                             self._sent[out.name] += 1
+                            if self.tracer.enabled:  # traced when it is in the ring, not when queued
+                                self.tracer.emit("hv-balloon.message", dir="host", type=out.name, **(out.facts or {}))
             finally:
                 self._send_lock.release()
             if stalled:

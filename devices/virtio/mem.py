@@ -38,6 +38,7 @@ from devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from vmm.hostmem import BACKENDS, HUGE_PAGE_SIZE, HostMapping, HostMemoryError, format_size
 from vmm.memory import GuestMemory, GuestMemoryError
 from vmm.memslots import MemslotError, MemslotManager
+from vmm.tracing import NULL_TRACER, AnyTracer
 
 log = logging.getLogger("pyvmm.virtio.mem")
 
@@ -68,6 +69,8 @@ REQ_NAMES = {VIRTIO_MEM_REQ_PLUG: "plug", VIRTIO_MEM_REQ_UNPLUG: "unplug",
              VIRTIO_MEM_REQ_UNPLUG_ALL: "unplug-all", VIRTIO_MEM_REQ_STATE: "state"}
 RESP_NAMES = {VIRTIO_MEM_RESP_ACK: "ack", VIRTIO_MEM_RESP_NACK: "nack",
               VIRTIO_MEM_RESP_BUSY: "busy", VIRTIO_MEM_RESP_ERROR: "error"}
+STATE_NAMES = {VIRTIO_MEM_STATE_PLUGGED: "plugged", VIRTIO_MEM_STATE_UNPLUGGED: "unplugged",
+               VIRTIO_MEM_STATE_MIXED: "mixed"}
 
 # struct virtio_mem_req: le16 type, le16 padding[3], then le64 addr, le16 nb_blocks, le16 padding[3]
 REQ_FORMAT = struct.Struct("<H6xQH6x")
@@ -192,6 +195,7 @@ class VirtioMem(VirtioDevice):
     num_queues = 1
     queue_max_size = QUEUE_SIZE
     max_chain_bytes = MAX_CHAIN_BYTES
+    tracer: AnyTracer = NULL_TRACER  # the machine sets its own
 
     def __init__(self, id: str, addr: int, region_size: int, *, memslots: MemslotManager,
                  block_size: int = DEFAULT_BLOCK_SIZE, node: int | None = None,
@@ -399,6 +403,11 @@ class VirtioMem(VirtioDevice):
         """
         own_events = events is None
         events = [] if own_events else events
+        tracer = self.tracer
+        if tracer.enabled:
+            started = time.perf_counter_ns()
+            tracer.emit("virtio-mem.request", id=self.id, type=REQ_NAMES.get(req_type, "unknown"), addr=addr,
+                        nb_blocks=nb_blocks)
         with self._lock:
             state = 0
             if req_type == VIRTIO_MEM_REQ_PLUG:
@@ -414,6 +423,8 @@ class VirtioMem(VirtioDevice):
                 # the spec is silent. ERROR ("error in request") keeps the device usable.
                 resp = VIRTIO_MEM_RESP_ERROR
             self._requests[(REQ_NAMES.get(req_type, "unknown"), RESP_NAMES[resp])] += 1
+        if tracer.enabled:
+            self._trace_response(req_type, addr, nb_blocks, resp, state, time.perf_counter_ns() - started)
         if own_events:
             self._fire_size_changes(events)
         return resp, state
@@ -587,6 +598,8 @@ class VirtioMem(VirtioDevice):
                 # system reset may shrink it).
                 self._usable_region_size = max(self._usable_region_size, self._usable_for(value))
                 self._requested_size = value
+            if self.tracer.enabled:  # also when unchanged: the control plane asked again
+                self.tracer.emit("virtio-mem.requested-size", id=self.id, size=value)
             transport = self._transport
         if transport is not None:
             # Notified even when unchanged, as QEMU does: it pokes a stuck driver.
@@ -671,6 +684,8 @@ class VirtioMem(VirtioDevice):
         """
         events: list[dict] = []
         with self._lock:
+            if self.tracer.enabled:  # first, so the slot removals and size change below read as its doing
+                self.tracer.emit("virtio-mem.reset", id=self.id)
             self._unplug_all(events)
         self._fire_size_changes(events)
 
@@ -704,6 +719,8 @@ class VirtioMem(VirtioDevice):
             slot_mapped = self.slots.is_mapped((gpa - self.addr) // self.slots.slot_size)
         event = {"device": self.id, "gpa": gpa, "kind": kind, "block": block,
                  "slot-mapped": slot_mapped, "count": count}
+        if self.tracer.enabled:
+            self.tracer.emit("unplugged-access", **event)
         if count == 1:
             log.warning("virtio-mem %s: guest accessed unplugged memory at %#x (%s)", self.id, gpa, kind)
         notify(self.unplugged_access_listener, [event], log, f"virtio-mem {self.id}: unplugged-access")
@@ -741,7 +758,25 @@ class VirtioMem(VirtioDevice):
 
     # ------------------------------------------------------------------ helpers
     def _size_event(self) -> dict:
+        # Called (lock held) exactly when the plugged size changes: the trace's moment for it.
+        if self.tracer.enabled:
+            self.tracer.emit("virtio-mem.size", id=self.id, size=self._plugged_size)
         return {"id": self.id, "size": self._plugged_size, "qom-path": self.qom_path}
+
+    def trace_description(self) -> None:
+        """The device's geometry and starting requested size, once, when tracing starts."""
+        if self.tracer.enabled:
+            self.tracer.emit("virtio-mem.device", id=self.id, addr=self.addr, region_size=self.region_size,
+                             block_size=self.block_size, slot_size=self.slots.slot_size,
+                             requested_size=self._requested_size)
+            self.tracer.emit("virtio-mem.requested-size", id=self.id, size=self._requested_size)
+
+    def _trace_response(self, req_type: int, addr: int, nb_blocks: int, resp: int, state: int, ns: int) -> None:
+        fields = {"id": self.id, "type": REQ_NAMES.get(req_type, "unknown"), "addr": addr,
+                  "nb-blocks": nb_blocks, "resp": RESP_NAMES[resp]}
+        if req_type == VIRTIO_MEM_REQ_STATE and resp == VIRTIO_MEM_RESP_ACK:
+            fields["state"] = STATE_NAMES.get(state, state)
+        self.tracer.emit("virtio-mem.response", **fields, us=round(ns / 1000, 1))
 
     def _fire_size_changes(self, events: list[dict]) -> None:
         notify(self.size_change_listener, events, log, f"virtio-mem {self.id}: size-change")

@@ -102,6 +102,7 @@ from devices.vmbus.versions import (
     version_name,
 )
 from vmm.memory import GuestMemoryError
+from vmm.tracing import NULL_TRACER, AnyTracer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class _Slot:
 
 class VmBus:
     """The VMBus host. Registers its message handlers (connection ids 1 and 4) on creation."""
+
+    tracer: AnyTracer = NULL_TRACER  # the machine sets its own
 
     def __init__(self, synic: SynicPort, registry: ConnectionRegistry, memory: GuestMemoryAccess,
                  max_version: int = VERSION_WIN10_V5_3) -> None:
@@ -295,6 +298,8 @@ class VmBus:
     def _do_post(self, vp: int, sint: int, payload: bytes) -> None:
         ok = self._synic.post_message(vp, sint, VMBUS_HV_MESSAGE_TYPE, payload)
         name = CHANNELMSG_NAMES.get(msgs.message_type(payload), "?")
+        if self.tracer.enabled:
+            self._trace_message("host", name, payload, posted=ok)
         with self._lock:
             if ok:
                 self._counters["messages_out"] += 1
@@ -302,6 +307,15 @@ class VmBus:
             else:
                 self._counters["post_failures"] += 1
                 self._problem("post-message-failed", f"{name} to vp {vp} sint {sint}")
+
+    def _trace_message(self, direction: str, name: str, payload: bytes, posted: bool = True) -> None:
+        fields: dict[str, Any] = {"dir": direction, "type": name}
+        relid = msgs.channel_relid(payload)
+        if relid is not None:
+            fields["relid"] = relid
+        if not posted:  # the SynIC refused it: the guest never saw this message
+            fields["posted"] = False
+        self.tracer.emit("vmbus.message", **fields)
 
     def _signal(self, channel: Channel) -> None:
         self._deferred.add(self._do_signal, channel.target_vp, channel.relid)
@@ -355,6 +369,8 @@ class VmBus:
             return HV_STATUS_INVALID_PARAMETER
         name = CHANNELMSG_NAMES.get(msgtype, "unknown")
         self._msgs_in[name] += 1
+        if self.tracer.enabled:
+            self._trace_message("guest", name, payload)
         handler = self._handlers.get(msgtype)
         if handler is None:
             self._problem("unexpected-message", f"{name} ({msgtype})")

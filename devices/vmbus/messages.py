@@ -14,11 +14,17 @@ from dataclasses import dataclass
 
 from devices.vmbus.constants import (
     CHANNELMSG_ALLOFFERS_DELIVERED,
+    CHANNELMSG_CLOSECHANNEL,
     CHANNELMSG_GPADL_CREATED,
+    CHANNELMSG_GPADL_HEADER,
+    CHANNELMSG_GPADL_TEARDOWN,
     CHANNELMSG_GPADL_TORNDOWN,
+    CHANNELMSG_MODIFYCHANNEL,
     CHANNELMSG_MODIFYCHANNEL_RESPONSE,
     CHANNELMSG_OFFERCHANNEL,
+    CHANNELMSG_OPENCHANNEL,
     CHANNELMSG_OPENCHANNEL_RESULT,
+    CHANNELMSG_RELID_RELEASED,
     CHANNELMSG_UNLOAD_RESPONSE,
     CHANNELMSG_VERSION_RESPONSE,
     MAX_USER_DEFINED_BYTES,
@@ -60,6 +66,26 @@ def message_type(payload: bytes) -> int:
     if len(payload) < HEADER.size:
         raise MessageError("short-header", f"{len(payload)} bytes")
     return HEADER.unpack_from(payload)[0]
+
+
+# Messages about one channel whose body starts with its child_relid (u32).
+_RELID_FIRST = frozenset({
+    CHANNELMSG_OPENCHANNEL, CHANNELMSG_OPENCHANNEL_RESULT, CHANNELMSG_CLOSECHANNEL,
+    CHANNELMSG_GPADL_HEADER, CHANNELMSG_GPADL_CREATED, CHANNELMSG_GPADL_TEARDOWN,
+    CHANNELMSG_RELID_RELEASED, CHANNELMSG_MODIFYCHANNEL, CHANNELMSG_MODIFYCHANNEL_RESPONSE})
+# In an offer, child_relid follows the vmbus_channel_offer part.
+_OFFER_RELID_AT = HEADER.size + struct.calcsize(f"<16s16sQQHH{MAX_USER_DEFINED_BYTES}sHH")
+
+
+def channel_relid(payload: bytes) -> int | None:
+    """The channel a message is about (for traces), or None for bus-wide ones or a short message."""
+    if len(payload) < HEADER.size:
+        return None
+    msgtype = HEADER.unpack_from(payload)[0]
+    at = HEADER.size if msgtype in _RELID_FIRST else _OFFER_RELID_AT if msgtype == CHANNELMSG_OFFERCHANNEL else None
+    if at is None or len(payload) < at + _U32.size:
+        return None
+    return _U32.unpack_from(payload, at)[0]
 
 
 def _body(payload: bytes, size: int, name: str) -> memoryview:

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+from vmm.tracing import NULL_TRACER, AnyTracer
+
 from .commands import (
     ERROR_COMMAND_NOT_FOUND,
     ERROR_GENERIC,
@@ -138,8 +140,10 @@ class QmpServer:
         *,
         commands: CommandTable | None = None,
         hmp: HmpTable | None = None,
+        tracer: AnyTracer = NULL_TRACER,
     ) -> None:
         self.machine = machine
+        self.tracer = tracer
         self.path = os.fspath(path)
         self.commands = commands if commands is not None else CommandTable()
         self.hmp = hmp if hmp is not None else HmpTable()
@@ -471,6 +475,7 @@ class QmpServer:
         self, session: _Session, item: bytes | LexicalError, loop: asyncio.AbstractEventLoop
     ) -> tuple[bytes, list[Callable[[], None]]]:
         """Reply bytes for one request, plus actions to run after sending."""
+        started = time.perf_counter_ns()
         request, parse_error = self._parse(item)
         if parse_error is not None:
             self._count("parse_errors")
@@ -497,6 +502,11 @@ class QmpServer:
             session.consecutive_errors = 0
         if has_id:
             reply["id"] = request_id
+        if self.tracer.enabled and isinstance(request, dict) and isinstance(request.get("execute"), str):
+            # Arguments stay out of the trace: they may be large.
+            result = reply["error"]["class"] if "error" in reply else "ok"
+            self.tracer.emit("qmp.command", command=request["execute"], result=result,
+                             us=round((time.perf_counter_ns() - started) / 1000, 1))
         return encode_message(reply), actions
 
     @staticmethod
