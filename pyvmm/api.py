@@ -32,7 +32,8 @@ class VM:
                  initrd: str | Path | None = None, append: str = "", cmdline: str | None = None,
                  extra_args: list[str] | None = None, agent: bool = True, qmp: bool = True,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT, log_path: str | Path | None = None,
-                 virtio_mem: list[str] | None = None, hv_balloon: str | None = None) -> None:
+                 virtio_mem: list[str] | None = None, hv_balloon: str | None = None,
+                 trace: str | Path | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="pyvmm-")
         self.dir = Path(self._tmp.name)
         self.qmp_path = self.dir / "qmp.sock" if qmp else None
@@ -55,6 +56,10 @@ class VM:
             args += ["--virtio-mem", opts]
         if hv_balloon is not None:
             args += ["--hv-balloon", hv_balloon]
+        # The event trace (docs/trace-format.md); absolute, as the child may resolve paths elsewhere.
+        self.trace_path = Path(trace).resolve() if trace is not None else None
+        if self.trace_path is not None:
+            args += ["--trace", str(self.trace_path)]
         args += extra_args or []
         self.args = args
         self.virtio_mem = {_option_id(o): VirtioMemHandle(self, _option_id(o)) for o in virtio_mem or []}

@@ -334,7 +334,7 @@ class Machine:
                 raise MachineError(f"--hv-balloon: memdev-size must be a multiple of "
                                    f"{format_size(MEMORY_DEVICE_ALIGN)} (the guest's memory block)")
             mapping = HostMapping(opt.memdev_size, "anon", f"hv-balloon:{opt.id}")  # address space only
-            hot_add = HotAddSlots(self.slots, mapping, gpa)
+            hot_add = HotAddSlots(self.slots, mapping, gpa, owner=f"hv-balloon:{opt.id}")  # as virtio-mem:<id>
             self._memory_devices_end = gpa + opt.memdev_size
         dev = HvBalloon(opt.id, boot_ram=ram_layout(self.config.memory),
                         memory=MemslotDiscard(self.slots), hot_add_gpa=gpa if opt.memdev_size else None,

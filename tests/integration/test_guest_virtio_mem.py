@@ -8,7 +8,12 @@ PVM host), so the timeouts are generous.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -29,6 +34,7 @@ pytestmark = [pytest.mark.guest, require_guest()]
 def vm(tmp_path_factory):
     with pyvmm.VM(memory=MEMORY, boot_timeout=BOOT_TIMEOUT,
                   log_path=tmp_path_factory.mktemp("console") / "console.log",
+                  trace=tmp_path_factory.mktemp("trace") / "trace.jsonl",
                   virtio_mem=["id=vm0,size=2G", "id=vm1,size=1G,memslot-size=256M"]) as vm:
         vm.agent.wait_ready(BOOT_TIMEOUT)
         yield vm
@@ -159,3 +165,55 @@ def test_python_api_handle_and_powerdown(vm: pyvmm.VM) -> None:
     assert vm.virtio_mem["vm1"].info()["size"] == 128 * MiB
     assert vm.powerdown(timeout=REBOOT_TIMEOUT) == 0
     assert "reboot: Power down" in vm.console_text
+
+
+def test_trace_records_the_run(vm: pyvmm.VM) -> None:
+    """The --trace file of this module's run: every kind of event the checks above caused,
+    and a block map rebuilt from the acknowledged requests that ends where the device did."""
+    if vm.returncode is None:  # run on its own: end the VM so the trace is complete
+        assert vm.powerdown(timeout=REBOOT_TIMEOUT) == 0
+    events = [json.loads(line) for line in vm.trace_path.read_text().splitlines()]
+    assert events[0]["ev"] == "trace-start" and events[0]["version"] == 1
+    assert events[-1] == {"t": events[-1]["t"], "ev": "trace-end", "dropped": 0}
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    devices = {e["id"]: e for e in events if e["ev"] == "virtio-mem.device"}
+    assert set(devices) == {"vm0", "vm1"} and devices["vm1"]["slot-size"] == 256 * MiB
+
+    answers = Counter((e["id"], e["type"], e["resp"]) for e in events if e["ev"] == "virtio-mem.response")
+    for dev in ("vm0", "vm1"):
+        assert answers[(dev, "plug", "ack")] > 0 and answers[(dev, "unplug", "ack")] > 0, answers
+    requests = sum(1 for e in events if e["ev"] == "virtio-mem.request")
+    assert requests == sum(answers.values())
+    slots = Counter((e["ev"], e["owner"]) for e in events if e["ev"].startswith("memslot."))
+    for dev in ("vm0", "vm1"):
+        assert slots[("memslot.add", f"virtio-mem:{dev}")] > 0 and slots[("memslot.remove", f"virtio-mem:{dev}")] > 0
+    assert slots[("memslot.add", "ram")] >= 1
+    assert any(e["ev"] == "virtio-mem.reset" and e["id"] == "vm0" for e in events)
+    qom_sets = Counter(e["result"] for e in events if e["ev"] == "qmp.command" and e["command"] == "qom-set")
+    assert qom_sets["ok"] >= 6 and sum(n for r, n in qom_sets.items() if r != "ok") == 4, qom_sets
+
+    # The format's block-map rule: start unplugged, apply acked plug/unplug/unplug-all, reset clears.
+    plugged: dict[str, set[int]] = {dev: set() for dev in devices}
+    last_size: dict[str, int] = {}
+    for e in events:
+        if e["ev"] == "virtio-mem.response" and e["resp"] == "ack" and e["type"] in ("plug", "unplug", "unplug-all"):
+            d = devices[e["id"]]
+            first = (e["addr"] - d["addr"]) // d["block-size"]
+            blocks = set(range(first, first + e["nb-blocks"]))
+            if e["type"] == "plug":
+                plugged[e["id"]] |= blocks
+            elif e["type"] == "unplug":
+                plugged[e["id"]] -= blocks
+            else:
+                plugged[e["id"]].clear()
+        elif e["ev"] == "virtio-mem.reset":
+            plugged[e["id"]].clear()
+        elif e["ev"] == "virtio-mem.size":
+            last_size[e["id"]] = e["size"]
+    assert {dev: len(b) * devices[dev]["block-size"] for dev, b in plugged.items()} == last_size
+    assert last_size == {"vm0": 256 * MiB, "vm1": 128 * MiB}
+
+    summary = subprocess.run([sys.executable, "-m", "pyvmm.cli", "trace", "summary", str(vm.trace_path)],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert summary.returncode == 0, summary.stderr
+    assert "plug ack" in summary.stdout and "qom-set" in summary.stdout
