@@ -7,6 +7,7 @@ second. Skipped only where /dev/kvm is missing or not readable and writable.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -97,6 +98,26 @@ def test_int3_is_delivered_to_the_guest_idt(tmp_path: Path) -> None:
     proc = run_cli("--kernel", str(stub), "--memory", "64M")
     assert_clean(proc)
     assert proc.stdout == b"BA"
+
+
+def test_trace_file_of_a_run_with_memory_devices(hello: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    proc = run_cli("--kernel", str(hello), "--memory", "64M", "--trace", str(trace),
+                   "--virtio-mem", "id=vm0,size=512M,requested-size=128M",
+                   "--hv-balloon", "id=hvb0,memdev-size=256M")
+    assert_clean(proc)
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert events[0]["ev"] == "trace-start" and events[-1] == {"t": events[-1]["t"], "ev": "trace-end", "dropped": 0}
+    by_ev = {e["ev"]: e for e in events}
+    assert by_ev["memslot.add"]["owner"] == "ram" and by_ev["memslot.add"]["size"] == 64 << 20
+    vm0 = by_ev["virtio-mem.device"]
+    assert (vm0["id"], vm0["region-size"], vm0["requested-size"]) == ("vm0", 512 << 20, 128 << 20)
+    assert by_ev["virtio-mem.requested-size"] == {"t": by_ev["virtio-mem.requested-size"]["t"],
+                                                  "ev": "virtio-mem.requested-size", "id": "vm0", "size": 128 << 20}
+    hvb = by_ev["hv-balloon.device"]
+    # the hot-add region sits above the virtio-mem region
+    assert hvb["memdev-size"] == 256 << 20 and hvb["hot-add-addr"] >= vm0["addr"] + vm0["region-size"]
+    assert by_ev["hv-balloon.state"]["actual"] == 64 << 20
 
 
 def _damaged_elf(tmp_path: Path) -> Path:
