@@ -11,7 +11,6 @@ import pytest
 
 from devices.hyperv.balloon import HvBalloon
 from devices.virtio.mem import (
-    VIRTIO_MEM_REQ_PLUG,
     VIRTIO_MEM_RESP_ACK,
     VIRTIO_MEM_RESP_ERROR,
     VIRTIO_MEM_RESP_NACK,
