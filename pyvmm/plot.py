@@ -95,6 +95,8 @@ def output_format(path: Path) -> str:
 def plot_file(trace: Path, output: Path) -> TraceData:
     """Read `trace`, draw it into `output` (format from its suffix); PlotError if impossible."""
     fmt = output_format(output)
+    if not output.parent.is_dir():  # before the drawing, which takes a second or two
+        raise PlotError(f"cannot write {output}: no directory {output.parent}")
     try:
         import matplotlib  # noqa: F401  (only to fail early with the install hint)
     except ImportError:

@@ -90,14 +90,24 @@ class TraceBuilder:
         if resp == "ack":
             self._size_event(id)
 
-    def unplug(self, id: str, first: int, nb: int) -> None:
+    def unplug(self, id: str, first: int, nb: int, resp: str = "ack") -> None:
         d = self.devices[id]
         addr = d["addr"] + first * d["bs"]
         self.emit("virtio-mem.request", id=id, type="unplug", addr=addr, nb_blocks=nb)
-        d["plugged"].difference_update(range(first, first + nb))
-        self.emit("virtio-mem.response", id=id, type="unplug", addr=addr, nb_blocks=nb, resp="ack", us=90)
-        self._size_event(id)
-        self._drop_empty_slots(id)
+        if resp == "ack":
+            d["plugged"].difference_update(range(first, first + nb))
+        self.emit("virtio-mem.response", id=id, type="unplug", addr=addr, nb_blocks=nb, resp=resp, us=90)
+        if resp == "ack":
+            self._size_event(id)
+            self._drop_empty_slots(id)
+
+    def expected_states(self, id: str) -> list[int]:
+        """Per block, the state the trace format says the blocks are in now (from this
+        builder's own bookkeeping): 2 plugged, 1 protected, 0 no memslot."""
+        d = self.devices[id]
+        per_slot = d["slot"] // d["bs"]
+        return [2 if b in d["plugged"] else 1 if (id, b // per_slot) in self.mapped else 0
+                for b in range(d["region"] // d["bs"])]
 
     def unplug_all(self, id: str) -> None:
         self.emit("virtio-mem.request", id=id, type="unplug-all", addr=0, nb_blocks=0)
