@@ -215,11 +215,11 @@ def _draw_block_map(ax, dev: VirtioMemTimeline, blocks: BlockMap, t_end: float) 
     from matplotlib.patches import Patch
     from matplotlib.ticker import FuncFormatter, MultipleLocator
 
-    bins = BLOCK_MAP_BINS if t_end > 0 else 1
+    bins = BLOCK_MAP_BINS
     lo = blocks.addr
     hi = blocks.addr + blocks.nb_blocks * blocks.block_size
     ax.imshow(_block_map_image(blocks, t_end, bins), aspect="auto", interpolation="nearest",
-              origin="lower", extent=(0, t_end if t_end > 0 else 1, lo, hi))
+              origin="lower", extent=(0, t_end, lo, hi))
     shown = hi - lo
     slot_lines = shown // dev.slot_size <= MAX_SLOT_LINES
     if slot_lines:
@@ -308,7 +308,8 @@ def render(data: TraceData, *, title: str = "pyvmm trace") -> Any:
     from matplotlib.figure import Figure
 
     panels: list[tuple[float, Any]] = []
-    t_end = data.duration
+    # A trace of one instant still gets a visible (1 s) axis, its final state drawn across it.
+    t_end = data.duration if data.duration > 0 else 1.0
     for dev in data.virtio_mem.values():
         panels.append((TIMELINE_HEIGHT, lambda ax, d=dev: _draw_virtio_mem_timeline(ax, d, t_end)))
         if dev.blocks is not None:
@@ -328,7 +329,7 @@ def render(data: TraceData, *, title: str = "pyvmm trace") -> Any:
             ax.grid(True, axis="both", color="#dee2e6", linewidth=0.6)
             ax.set_axisbelow(True)
         ax.margins(x=0)
-    axes[-1].set_xlim(0, t_end if t_end > 0 else 1)
+    axes[-1].set_xlim(0, t_end)
     axes[-1].set_xlabel("seconds since the trace started")
     for ax in axes:
         ax.tick_params(labelbottom=True)

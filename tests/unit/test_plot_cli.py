@@ -128,3 +128,15 @@ def test_truncated_trace_still_plots(tmp_path, capsys) -> None:
     path.write_text(text[:-10])
     assert run_cli(capsys, str(path), "-o", str(tmp_path / "cut.svg")) == (0, "")
     assert load_trace(path).truncated
+
+
+def test_a_trace_of_one_instant_draws_its_state_across_a_visible_axis(tmp_path) -> None:
+    b = TraceBuilder()
+    b.virtio_mem("vm0", 1 << 32, 256 * MiB, requested=64 * MiB)
+    b.plug("vm0", 0, 8)
+    data = plot_file(b.write(tmp_path / "instant.jsonl"), tmp_path / "instant.png")
+    assert data.duration == 0.0
+    timeline = render(data).axes[0]
+    plugged = next(line for line in timeline.lines if line.get_label() == "plugged size")
+    assert list(plugged.get_xdata()) == [0.0, 1.0] and list(plugged.get_ydata()) == [16 * MiB, 16 * MiB]
+    assert timeline.get_xlim() == (0.0, 1.0)
