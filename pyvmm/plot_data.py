@@ -393,16 +393,14 @@ def replay(events: list[dict], *, max_rows: int = DEFAULT_MAX_ROWS,
     balloons: dict[str, HvBalloonTimeline] = {}
     slots = MemslotTimeline()
     active: dict[int, tuple[int, int, str]] = {}  # slot -> (gpa, size, owner)
+    by_owner: Counter = Counter()                 # owner -> bytes mapped now
     unknown: Counter = Counter()
 
-    def slots_changed(t: float) -> None:
+    def slots_changed(t: float, owner: str, delta: int) -> None:
+        by_owner[owner] += delta
         slots.count.set(t, len(active))
-        slots.total_size.set(t, sum(size for _, size, _ in active.values()))
-        by_owner: Counter = Counter()
-        for _, size, owner in active.values():
-            by_owner[owner] += size
-        for owner in set(by_owner) | set(slots.size_by_owner):
-            slots.size_by_owner.setdefault(owner, Step()).set(t, by_owner.get(owner, 0))
+        slots.total_size.set(t, sum(by_owner.values()))
+        slots.size_by_owner.setdefault(owner, Step()).set(t, by_owner[owner])
 
     def cover(t: float, gpa: int, size: int, value: bool) -> None:
         for rep in blocks.values():
@@ -418,8 +416,10 @@ def replay(events: list[dict], *, max_rows: int = DEFAULT_MAX_ROWS,
             return None
         return vmem[dev_id], blocks[dev_id]
 
-    for ev in events[1:]:
-        t = ev["t"] - t0
+    # Threads stamp events before they take the writer's lock, so neighbours may be a few
+    # microseconds out of order in the file; the sort is stable for equal times.
+    for ev in sorted(events[1:], key=lambda ev: ev["t"]):
+        t = max(0.0, ev["t"] - t0)
         kind = ev["ev"]
         if kind == "virtio-mem.device":
             dev = VirtioMemTimeline(_str(ev, "id"), _int(ev, "addr"), _int(ev, "region-size", minimum=1),
@@ -470,19 +470,20 @@ def replay(events: list[dict], *, max_rows: int = DEFAULT_MAX_ROWS,
             slot, gpa, size = _int(ev, "slot"), _int(ev, "gpa"), _int(ev, "size")
             owner = ev.get("owner") if isinstance(ev.get("owner"), str) else "?"
             if slot in active:  # re-added without a remove: the old extent is gone
-                old_gpa, old_size, _ = active.pop(slot)
+                old_gpa, old_size, old_owner = active.pop(slot)
                 cover(t, old_gpa, old_size, False)
+                slots_changed(t, old_owner, -old_size)
             active[slot] = (gpa, size, owner)
             cover(t, gpa, size, True)
-            slots_changed(t)
+            slots_changed(t, owner, size)
         elif kind == "memslot.remove":
             slot = _int(ev, "slot")
             if slot not in active:
                 unknown["memslot.remove (unknown slot)"] += 1
                 continue
-            gpa, size, _ = active.pop(slot)
+            gpa, size, owner = active.pop(slot)
             cover(t, gpa, size, False)
-            slots_changed(t)
+            slots_changed(t, owner, -size)
         elif kind == "unplugged-access":
             found = device(ev, "device")
             if found:

@@ -347,3 +347,19 @@ def test_a_change_undone_within_one_column_keeps_the_earlier_columns() -> None:
     assert blocks.states_at(0.8)[:3] == [PLUGGED, PROTECTED, PROTECTED]
     assert blocks.states_at(1.5)[:3] == [PLUGGED, PROTECTED, PLUGGED]
     assert blocks.times == pytest.approx([0.5, 1.4])
+
+
+def test_events_slightly_out_of_order_are_replayed_in_time_order() -> None:
+    b = small_device()
+    b.at(1).plug("vm0", 0, 2)
+    b.at(2).unplug("vm0", 0, 2)
+    # the unplug's lines were written before the plug's (two threads racing for the file)
+    start = next(i for i, line in enumerate(b.lines) if '"type": "plug"' in line)
+    plug_lines = b.lines[start:start + 4]    # request, memslot.add, response, size
+    unplug_lines = b.lines[start + 4:]
+    assert len(plug_lines) == 4 and '"memslot.remove"' in unplug_lines[-1]
+    b.lines[start:] = unplug_lines + plug_lines
+    data = replayed(b)
+    assert states(data, 1.5)[:2] == [PLUGGED, PLUGGED]
+    assert set(states(data, 2.5)) == {NO_MEMSLOT}
+    assert data.memslots.count.value_at(1.5) == 1 and data.memslots.count.value_at(2.5) == 0
