@@ -305,6 +305,7 @@ def _draw_memslots(ax, slots: MemslotTimeline, t_end: float) -> None:
 
 def render(data: TraceData, *, title: str = "pyvmm trace") -> Any:
     """The whole figure (a matplotlib Figure on the Agg canvas, not shown anywhere)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     panels: list[tuple[float, Any]] = []
@@ -321,6 +322,7 @@ def render(data: TraceData, *, title: str = "pyvmm trace") -> Any:
 
     heights = [h for h, _ in panels]
     fig = Figure(figsize=(FIG_WIDTH, sum(heights) + 1.0), dpi=DPI)
+    FigureCanvasAgg(fig)  # no pyplot, no display: the figure draws with Agg
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
                         gridspec_kw={"height_ratios": heights, "hspace": 0.45})[:, 0]
     for ax, (_, draw) in zip(axes, panels):
