@@ -49,8 +49,8 @@ def test_png_and_svg_are_written(trace, tmp_path, capsys) -> None:
         assert label in text
 
 
-def test_the_data_behind_the_picture(trace, tmp_path) -> None:
-    data = plot_file(trace, tmp_path / "out.png")
+def test_the_data_behind_the_picture(trace) -> None:
+    data = load_trace(trace)
     vm0 = data.virtio_mem["vm0"]
     assert vm0.plugged.peak() == GiB and vm0.requested.peak() == GiB
     states = vm0.blocks.states_at(12.0)
@@ -134,7 +134,7 @@ def test_a_trace_of_one_instant_draws_its_state_across_a_visible_axis(tmp_path) 
     b = TraceBuilder()
     b.virtio_mem("vm0", 1 << 32, 256 * MiB, requested=64 * MiB)
     b.plug("vm0", 0, 8)
-    data = plot_file(b.write(tmp_path / "instant.jsonl"), tmp_path / "instant.png")
+    data = load_trace(b.write(tmp_path / "instant.jsonl"))
     assert data.duration == 0.0
     timeline = render(data).axes[0]
     plugged = next(line for line in timeline.lines if line.get_label() == "plugged size")
