@@ -42,6 +42,8 @@ FADT_MINOR_REVISION = 3  # ACPI 6.3
 FADT_LEN = 276  # ACPI 6.x FADT, up to and including the hypervisor vendor id
 MADT_REVISION = 5  # ACPI 6.3
 DSDT_REVISION = 2  # >= 2: AML integers are 64 bits wide
+SRAT_REVISION = 3  # ACPI 6.x
+SRAT_TABLE_REVISION = 1  # the body's first (reserved) field must be 1 for compatibility
 
 # --- FADT field offsets (5.2.9, table 5.34) ---
 FADT_FIRMWARE_CTRL = 36
@@ -108,6 +110,18 @@ MAX_CPUS = 4096  # KVM_MAX_VCPUS on x86
 S5_SLP_TYP = 5
 
 
+# SRAT (System Resource Affinity Table) structures, ACPI 6.3 section 5.2.16.
+SRAT_TYPE_LOCAL_APIC_AFFINITY = 0
+SRAT_TYPE_MEMORY_AFFINITY = 1
+SRAT_TYPE_LOCAL_X2APIC_AFFINITY = 2
+SRAT_LOCAL_APIC_AFFINITY_LEN = 16
+SRAT_MEMORY_AFFINITY_LEN = 40
+SRAT_LOCAL_X2APIC_AFFINITY_LEN = 24
+SRAT_F_ENABLED = 1 << 0
+SRAT_MEM_F_HOT_PLUGGABLE = 1 << 1
+MAX_PROXIMITY_DOMAIN = 0xFFFFFFFF
+
+
 class AcpiError(ValueError):
     """The configuration cannot be turned into valid ACPI tables."""
 
@@ -148,6 +162,17 @@ class InterruptOverride:
 PIT_IRQ0_TO_GSI2 = InterruptOverride(source_irq=0, gsi=2)
 
 
+@dataclass(frozen=True)
+class MemoryAffinity:
+    """An SRAT memory range in NUMA proximity domain ``node``; device memory (virtio-mem)
+    is ``hotpluggable``, so the guest reserves room for it without treating it as RAM."""
+
+    base: int
+    size: int
+    node: int
+    hotpluggable: bool = False
+
+
 @dataclass
 class AcpiConfig:
     """Everything ``build_acpi`` needs to know about the machine."""
@@ -163,6 +188,8 @@ class AcpiConfig:
     reset_port: int = 0x602
     reset_value: int = 0x01
     devices: Sequence[AcpiDevice] = ()
+    # Non-empty: an SRAT is built, every CPU in domain 0 and these memory ranges.
+    memory_affinity: Sequence[MemoryAffinity] = ()
     isa_overrides: Sequence[InterruptOverride] = ()
     i8042: bool = False  # IAPC_BOOT_ARCH "8042" flag: keyboard controller present
     cmos_rtc: bool = False  # clear -> "CMOS RTC Not Present"
@@ -239,7 +266,7 @@ def _validate(config: AcpiConfig) -> None:
     _ascii_field(config.oem_id, OEM_ID_LEN, "oem_id")
     _ascii_field(config.oem_table_id, OEM_TABLE_ID_LEN, "oem_table_id")
 
-    for what in ("devices", "isa_overrides"):
+    for what in ("devices", "isa_overrides", "memory_affinity"):
         if not isinstance(getattr(config, what), (list, tuple)):
             raise AcpiError(f"{what} must be a list or tuple")
     gsi_lo = config.ioapic_gsi_base
@@ -253,6 +280,13 @@ def _validate(config: AcpiConfig) -> None:
         if ovr.source_irq in seen_sources:
             raise AcpiError(f"two interrupt source overrides for IRQ{ovr.source_irq}")
         seen_sources.add(ovr.source_irq)
+
+    for ma in config.memory_affinity:
+        if not isinstance(ma, MemoryAffinity):
+            raise AcpiError(f"memory_affinity: expected MemoryAffinity, got {ma!r}")
+        _check_int(ma.size, 1, 1 << 64, "memory affinity size")
+        _check_int(ma.base, 0, (1 << 64) - ma.size, "memory affinity base")
+        _check_int(ma.node, 0, MAX_PROXIMITY_DOMAIN, "memory affinity node")
 
     seen_names: set[bytes] = set()
     for dev in config.devices:
@@ -362,6 +396,24 @@ def build_madt(config: AcpiConfig) -> bytes:
     return _table(b"APIC", MADT_REVISION, bytes(body), config)
 
 
+def build_srat(config: AcpiConfig) -> bytes:
+    """The SRAT: every CPU in proximity domain 0, then the configured memory ranges."""
+    body = bytearray(struct.pack("<IQ", SRAT_TABLE_REVISION, 0))
+    for cpu in range(config.cpus):
+        if cpu <= MADT_MAX_XAPIC_ID:
+            # The domain is split: bits 7:0 here, bits 31:8 after the SAPIC EID (all 0).
+            body += struct.pack("<BBBBIB3sI", SRAT_TYPE_LOCAL_APIC_AFFINITY, SRAT_LOCAL_APIC_AFFINITY_LEN,
+                                0, cpu, SRAT_F_ENABLED, 0, bytes(3), 0)
+        else:
+            body += struct.pack("<BBHIIII4x", SRAT_TYPE_LOCAL_X2APIC_AFFINITY, SRAT_LOCAL_X2APIC_AFFINITY_LEN,
+                                0, 0, cpu, SRAT_F_ENABLED, 0)
+    for ma in config.memory_affinity:
+        flags = SRAT_F_ENABLED | (SRAT_MEM_F_HOT_PLUGGABLE if ma.hotpluggable else 0)
+        body += struct.pack("<BBIHQQIIQ", SRAT_TYPE_MEMORY_AFFINITY, SRAT_MEMORY_AFFINITY_LEN, ma.node, 0,
+                            ma.base, ma.size, 0, flags, 0)
+    return _table(b"SRAT", SRAT_REVISION, bytes(body), config)
+
+
 def build_fadt(config: AcpiConfig, dsdt_addr: int) -> bytes:
     """The FADT of a hardware-reduced platform pointing at the DSDT."""
     fadt = bytearray(FADT_LEN - HEADER_LEN)
@@ -409,7 +461,7 @@ def build_rsdp(config: AcpiConfig, xsdt_addr: int) -> bytes:
 def build_acpi(config: AcpiConfig, base: int) -> AcpiImage:
     """Build every table for ``config`` as one blob to be placed at ``base``.
 
-    Layout: RSDP, XSDT, FADT, MADT, DSDT, each 16-byte aligned.  Raises
+    Layout: RSDP, XSDT, FADT, MADT, [SRAT,] DSDT, each 16-byte aligned.  Raises
     :class:`AcpiError` on an invalid configuration.
     """
     _check_int(base, 0, (1 << 64) - 1, "base")
@@ -421,24 +473,28 @@ def build_acpi(config: AcpiConfig, base: int) -> AcpiImage:
     except aml.AmlError as exc:  # validation should have caught it; keep it an AcpiError
         raise AcpiError(f"DSDT: {exc}") from None
     madt = build_madt(config)
+    srat = build_srat(config) if config.memory_affinity else b""
 
     xsdt_off = _align(RSDP_LEN)
-    xsdt_len = HEADER_LEN + 8 * 2
+    xsdt_len = HEADER_LEN + 8 * (3 if srat else 2)
     fadt_off = _align(xsdt_off + xsdt_len)
     madt_off = _align(fadt_off + FADT_LEN)
-    dsdt_off = _align(madt_off + len(madt))
+    srat_off = _align(madt_off + len(madt))
+    dsdt_off = _align(srat_off + len(srat))
     end = dsdt_off + len(dsdt)
     if base + end > 1 << 64:
         raise AcpiError("ACPI tables would run past the end of the address space")
 
     fadt = build_fadt(config, base + dsdt_off)
-    xsdt = build_xsdt(config, [base + fadt_off, base + madt_off])
+    xsdt = build_xsdt(config, [base + fadt_off, base + madt_off] + ([base + srat_off] if srat else []))
     rsdp = build_rsdp(config, base + xsdt_off)
 
     blob = bytearray(end)
     for off, table in ((0, rsdp), (xsdt_off, xsdt), (fadt_off, fadt),
-                       (madt_off, madt), (dsdt_off, dsdt)):
+                       (madt_off, madt), (srat_off, srat), (dsdt_off, dsdt)):
         blob[off:off + len(table)] = table
     tables = {"RSDP": base, "XSDT": base + xsdt_off, "FACP": base + fadt_off,
               "APIC": base + madt_off, "DSDT": base + dsdt_off}
+    if srat:
+        tables["SRAT"] = base + srat_off
     return AcpiImage(rsdp_addr=base, blob=bytes(blob), tables=tables)

@@ -30,7 +30,7 @@ from devices.vmbus import VmBus
 from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
 from firmware import aml
-from firmware.acpi import AcpiConfig, AcpiDevice, build_acpi
+from firmware.acpi import AcpiConfig, AcpiDevice, MemoryAffinity, build_acpi
 from vmm import assist as assist_mod
 from vmm import cpuid
 from vmm import kvm_abi as abi
@@ -396,6 +396,17 @@ class Machine:
         return " ".join(parts)
 
     # ------------------------------------------------------------------ boot
+    def _memory_affinity(self) -> list[MemoryAffinity]:
+        """SRAT ranges, only when a virtio-mem device names a NUMA node (it then offers
+        VIRTIO_MEM_F_ACPI_PXM, and its node_id must be a proximity domain the SRAT defines):
+        boot RAM in domain 0, each device region hot-pluggable in its domain."""
+        devices = [d for d in self.virtio_mem.values() if d.node is not None]
+        if not devices:
+            return []
+        ranges = [MemoryAffinity(r.gpa, r.size, 0) for r in ram_layout(self.config.memory)]
+        ranges += [MemoryAffinity(d.addr, d.region_size, d.node, hotpluggable=True) for d in devices]
+        return ranges
+
     def _load_guest(self) -> None:
         """Write kernel, initrd, boot structures and ACPI tables; set the vCPUs' boot state."""
         cfg = self.config
@@ -420,7 +431,8 @@ class Machine:
         if len(cmdline) > cpu_setup.CMDLINE_MAX:
             raise MachineError(f"kernel command line is too long ({len(cmdline)} bytes)")
         write(cpu_setup.CMDLINE_ADDR, cmdline)
-        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=self.acpi_devices + self.virtio.acpi_devices()),
+        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=self.acpi_devices + self.virtio.acpi_devices(),
+                                     memory_affinity=self._memory_affinity()),
                           ACPI_TABLES_ADDR)
         write(ACPI_TABLES_ADDR, acpi.blob)
         e820 = [E820Entry(0, EBDA_START, E820_RAM),

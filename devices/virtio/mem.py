@@ -24,7 +24,7 @@ import os
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,6 +83,8 @@ QUEUE_SIZE = 128                 # QEMU's; Linux keeps one request in flight any
 # A request is 24 bytes and a response 10; two pages leave room for drivers that hand over
 # page-sized buffers, and anything larger is a malformed chain the queue rejects.
 MAX_CHAIN_BYTES = 8192
+# Request times kept for the percentiles in stats(): enough for p99 over a long resize.
+REQUEST_TIMES_KEPT = 4096
 DEFAULT_BLOCK_SIZE = 2 * MiB     # the x86 THP size: unplugging never splits a huge page
 # QEMU sizes the usable region requested_size + 2 x 128 MiB (two x86 memory sections), so
 # Linux, which only adds whole aligned memory blocks, can always add one that fits.
@@ -94,16 +96,35 @@ SizeChangeListener = Callable[[dict], None]
 AccessListener = Callable[[dict], None]
 
 
+def _percentile_us(samples: deque[int], q: float) -> float:
+    """The q-quantile (nearest rank) of nanosecond samples, in µs; 0.0 for none."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000, 1)
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
 @dataclass(frozen=True)
 class _Release:
-    """Unplugged memory still to give back to the host, and the slots the unplug emptied."""
+    """Unplugged memory still to protect and give back to the host, and the slots the
+    unplug emptied (work left for after the answer)."""
     offset: int
     size: int
     emptied_slots: list[int]
+
+
+@dataclass(frozen=True)
+class _MapSlots:
+    """Plugged blocks whose memslots are still to be registered (work left for after the answer)."""
+    first_block: int
+    nb_blocks: int
+
+
+_AfterAnswer = _Release | _MapSlots
 
 
 class _RegionMapping(HostMapping):
@@ -243,6 +264,10 @@ class VirtioMem(VirtioDevice):
         self._request_ns_total = 0
         self._request_ns_max = 0
         self._requests_timed = 0
+        self._request_ns_recent: deque[int] = deque(maxlen=REQUEST_TIMES_KEPT)
+        # Host work left for after the answers (slot registration, protect, discard, slot removal).
+        self._after_ns_total = 0
+        self._after_batches = 0
         self._config_writes = 0
         self._internal_errors = 0
         self._protect_failures = 0
@@ -308,14 +333,14 @@ class VirtioMem(VirtioDevice):
             return
         answered = False
         events: list[dict] = []
-        releases: list[_Release] = []
+        deferred: list[_AfterAnswer] = []
         started = time.perf_counter_ns()
         try:
             while True:
                 chain = queue.pop()
                 if chain is None:
                     break
-                violation = self._serve(chain, mem, events, releases)
+                violation = self._serve(chain, mem, events, deferred)
                 if violation is not None:
                     # As QEMU: the chain is not returned, the device needs a reset.
                     with self._lock:
@@ -342,12 +367,12 @@ class VirtioMem(VirtioDevice):
         finally:
             if answered:
                 transport.signal_used(0)
-            self._release(releases)
+            self._after_answer(deferred)
             self._fire_size_changes(events)
 
     # ------------------------------------------------------------------ request path
     def _serve(self, chain: DescriptorChain, mem: GuestMemory, events: list[dict],
-               releases: list[_Release]) -> str | None:
+               deferred: list[_AfterAnswer]) -> str | None:
         """Answer one request in place. Returns a reason if the chain violates the protocol."""
         raw = chain.read_all(mem)  # bounded by max_chain_bytes; VirtqueueError if unbacked
         if len(raw) < VIRTIO_MEM_REQ_SIZE:
@@ -358,27 +383,28 @@ class VirtioMem(VirtioDevice):
                     f"need {VIRTIO_MEM_RESP_SIZE}")
         # Only the type and the request-specific data count; padding is ignored (spec).
         req_type, addr, nb_blocks = REQ_FORMAT.unpack_from(raw)
-        resp, state = self.handle_request(req_type, addr, nb_blocks, events, releases)
+        resp, state = self.handle_request(req_type, addr, nb_blocks, events, deferred)
         chain.write(mem, RESP_FORMAT.pack(resp, state))
         return None
 
     def handle_request(self, req_type: int, addr: int, nb_blocks: int, events: list[dict] | None = None,
-                       releases: list[_Release] | None = None) -> tuple[int, int]:
+                       deferred: list[_AfterAnswer] | None = None) -> tuple[int, int]:
         """Process one decoded request; returns (response type, state). Counted by type/answer.
 
         Size-change events are appended to `events` (fired by the caller after the lock is
-        released); without a list they are fired here. With `releases`, an UNPLUG leaves the
-        discard and the slot removal to the caller's `_release` after the answer is out;
-        without it they happen here.
+        released); without a list they are fired here. With `deferred`, the slow host work
+        (registering a PLUG's memslots; protecting and discarding an UNPLUG's memory and
+        removing the slots it emptied) is left to the caller's `_after_answer`, run once
+        the answer is in the used ring; without it, that work happens here.
         """
         own_events = events is None
         events = [] if own_events else events
         with self._lock:
             state = 0
             if req_type == VIRTIO_MEM_REQ_PLUG:
-                resp = self._plug(addr, nb_blocks, events)
+                resp = self._plug(addr, nb_blocks, events, deferred)
             elif req_type == VIRTIO_MEM_REQ_UNPLUG:
-                resp = self._unplug(addr, nb_blocks, events, releases)
+                resp = self._unplug(addr, nb_blocks, events, deferred)
             elif req_type == VIRTIO_MEM_REQ_UNPLUG_ALL:
                 resp = self._unplug_all(events)
             elif req_type == VIRTIO_MEM_REQ_STATE:
@@ -398,7 +424,7 @@ class VirtioMem(VirtioDevice):
             return False
         return self.addr <= addr and addr + size <= self.addr + self._usable_region_size
 
-    def _plug(self, addr: int, nb_blocks: int, events: list[dict]) -> int:
+    def _plug(self, addr: int, nb_blocks: int, events: list[dict], deferred: list[_AfterAnswer] | None) -> int:
         size = nb_blocks * self.block_size
         if not self._valid_range(addr, size):
             return VIRTIO_MEM_RESP_ERROR
@@ -417,7 +443,8 @@ class VirtioMem(VirtioDevice):
         try:
             if self.prealloc:
                 self.mapping.populate(offset, size)
-            self.slots.map_for_plug(first, nb_blocks)
+            if deferred is None:
+                self.slots.map_for_plug(first, nb_blocks)
         except (HostMemoryError, MemslotError, OSError) as e:
             self._warn_once("plug", f"plug of {format_size(size)} at {addr:#x} failed, answering BUSY: {e}")
             self._make_inaccessible(offset, size)
@@ -426,9 +453,15 @@ class VirtioMem(VirtioDevice):
         self.slots.account_plug(first, nb_blocks)
         self._plugged_size += size
         events.append(self._size_event())
+        if deferred is not None:
+            # Registering a slot waits for every vCPU to leave the guest (KVM synchronizes
+            # SRCU): hundreds of µs to ms with a running guest, so it follows the answer.
+            # The pages are already accessible: until the slot lands, a guest access exits
+            # to the region's MMIO trap, which serves plugged blocks from the same memory.
+            deferred.append(_MapSlots(first, nb_blocks))
         return VIRTIO_MEM_RESP_ACK
 
-    def _unplug(self, addr: int, nb_blocks: int, events: list[dict], releases: list[_Release] | None) -> int:
+    def _unplug(self, addr: int, nb_blocks: int, events: list[dict], deferred: list[_AfterAnswer] | None) -> int:
         size = nb_blocks * self.block_size
         if not self._valid_range(addr, size):
             return VIRTIO_MEM_RESP_ERROR
@@ -436,42 +469,71 @@ class VirtioMem(VirtioDevice):
         if self._bitmap.count(1, first, first + nb_blocks) != nb_blocks:
             return VIRTIO_MEM_RESP_ERROR
         offset = addr - self.addr
-        self._try_protect(offset, size, False)
         self._bitmap[first:first + nb_blocks] = 0
         self._plugged_size -= size
         release = _Release(offset, size, self.slots.count_unplug(first, nb_blocks))
         events.append(self._size_event())
-        if releases is None:
+        if deferred is None:
             self._release_locked(release)
         else:
-            # PROT_NONE already keeps the guest out, so the slow part (giving up to a
-            # memslot's worth of pages back, removing emptied slots) waits for the answer.
-            releases.append(release)
+            # The driver offlined and removed this memory before asking, so nothing it
+            # legitimately does touches it now: protecting (which makes KVM zap its mappings),
+            # discarding up to a memslot's worth of pages and removing emptied slots can all
+            # wait until the answer is out.
+            deferred.append(release)
         return VIRTIO_MEM_RESP_ACK
 
-    def _release(self, releases: list[_Release]) -> None:
-        if releases:
-            with self._lock:
-                for release in releases:
-                    self._release_locked(release)
+    def _after_answer(self, deferred: list[_AfterAnswer]) -> None:
+        """Run the host work the answered requests left behind, in request order."""
+        if not deferred:
+            return
+        started = time.perf_counter_ns()
+        with self._lock:
+            for work in deferred:
+                if isinstance(work, _MapSlots):
+                    self._map_slots_locked(work)
+                else:
+                    self._release_locked(work)
+            self._after_ns_total += time.perf_counter_ns() - started
+            self._after_batches += 1
+
+    def _map_slots_locked(self, work: _MapSlots) -> None:
+        """Register the slots of blocks plugged (and already answered). A refusal is counted;
+        the blocks stay plugged and are served through the MMIO trap, slowly but correctly."""
+        try:
+            # Only slots still holding plugged blocks: a later request in the batch may
+            # have unplugged them again.
+            self.slots.map_for_plug(work.first_block, work.nb_blocks, in_use_only=True)
+        except (MemslotError, OSError) as e:
+            self._warn_once("plug-slot", f"cannot register a memslot for plugged memory; the guest's "
+                            f"accesses to it are emulated (slow): {e}")
 
     def _release_locked(self, release: _Release) -> None:
-        """Discard an unplugged range, then drop the slots it emptied (KVM deletes an emptied
-        slot ~4x faster). A failed discard only keeps the pages on the host: counted, logged."""
-        try:
-            self.mapping.discard(release.offset, release.size)
-        except HostMemoryError as e:
-            self._discard_failures += 1
-            self._warn_once("discard", f"cannot discard unplugged memory (the host keeps it): {e}")
+        """Protect and discard what of an unplugged range is still unplugged (a later request
+        in the same batch may have plugged part of it again), then drop the slots it emptied
+        (KVM deletes an emptied slot ~4x faster). Failures only lose the trap or keep the
+        pages on the host: counted and logged, the blocks are unplugged regardless."""
+        bs = self.block_size
+        first = release.offset // bs
+        for value, start, stop in intervals(self._bitmap[first:first + release.size // bs]):
+            if value:
+                continue
+            offset, size = (first + start) * bs, (stop - start) * bs
+            self._try_protect(offset, size, False)
+            try:
+                self.mapping.discard(offset, size)
+            except HostMemoryError as e:
+                self._discard_failures += 1
+                self._warn_once("discard", f"cannot discard unplugged memory (the host keeps it): {e}")
         self.slots.unmap_unused(release.emptied_slots)
 
     def _unplug_all(self, events: list[dict]) -> int:
         if self._plugged_size:
             bs = self.block_size
-            for value, start, stop in intervals(self._bitmap):
-                if value:
-                    self._make_inaccessible(start * bs, (stop - start) * bs)
+            plugged = [(start, stop) for value, start, stop in intervals(self._bitmap) if value]
             self._bitmap.setall(0)
+            for start, stop in plugged:
+                self._make_inaccessible(start * bs, (stop - start) * bs)
             self._plugged_size = 0
             self.slots.clear()
             events.append(self._size_event())
@@ -493,9 +555,7 @@ class VirtioMem(VirtioDevice):
 
     def _make_inaccessible(self, offset: int, size: int) -> None:
         """PROT_NONE, then give the pages back (protecting first stops a misbehaving guest
-        from faulting pages back in between). Failures only lose the trap or keep the pages
-        on the host: counted and logged, the blocks are unplugged regardless."""
-        self._try_protect(offset, size, False)
+        from faulting pages back in between), for blocks the bitmap already shows unplugged."""
         self._release_locked(_Release(offset, size, []))
 
     def _try_protect(self, offset: int, size: int, accessible: bool) -> None:
@@ -588,13 +648,20 @@ class VirtioMem(VirtioDevice):
                         "count": self._requests_timed,
                         "mean": round(self._request_ns_total / self._requests_timed / 1000, 1)
                         if self._requests_timed else 0.0,
-                        "max": round(self._request_ns_max / 1000, 1)}}
+                        "p50": _percentile_us(self._request_ns_recent, 0.50),
+                        "p99": _percentile_us(self._request_ns_recent, 0.99),
+                        "max": round(self._request_ns_max / 1000, 1)},
+                    "after-answer-us": {
+                        "count": self._after_batches,
+                        "mean": round(self._after_ns_total / self._after_batches / 1000, 1)
+                        if self._after_batches else 0.0}}
 
     def _time_request(self, ns: int) -> None:
         with self._lock:
             self._requests_timed += 1
             self._request_ns_total += ns
             self._request_ns_max = max(self._request_ns_max, ns)
+            self._request_ns_recent.append(ns)
 
     def system_reset(self) -> None:
         """Machine reset / reboot: unplug every block, drop every slot, discard the memory.

@@ -1,11 +1,12 @@
 """Dynamic KVM memslots for one virtio-mem region.
 
 The region is cut into fixed-size slots (the last one may be shorter). A slot is registered
-with KVM, through the `MemslotManager`, exactly while at least one of its blocks is plugged:
-the device maps the slots a PLUG touches before it acknowledges the PLUG, and drops a slot
-as soon as its last block is unplugged. A guest that touches a slot with nothing plugged
-therefore gets an MMIO exit instead of silently faulting in host memory, and KVM's shadow
-MMU keeps per-page metadata (rmaps) only for slots in use.
+with KVM, through the `MemslotManager`, while at least one of its blocks is plugged: the
+device registers the slots a PLUG touches right after it has answered the PLUG (until then
+the region's MMIO trap serves the plugged blocks), and drops a slot once its last block is
+unplugged and the answer is out. A guest that touches a slot with nothing plugged therefore
+gets an MMIO exit instead of silently faulting in host memory, and KVM's shadow MMU keeps
+per-page metadata (rmaps) only for slots in use.
 
 This module only tracks which slots are mapped and how many plugged blocks each holds; the
 device (`devices/virtio/mem.py`) owns the block bitmap and the host-memory discards.
@@ -101,8 +102,9 @@ class SlotMap:
         return [ms for ms in self._mapped if ms is not None]
 
     # --- plug ---
-    def map_for_plug(self, first_block: int, nb_blocks: int) -> list[int]:
-        """Register every slot the range touches that is not registered yet.
+    def map_for_plug(self, first_block: int, nb_blocks: int, in_use_only: bool = False) -> list[int]:
+        """Register every slot the range touches that is not registered yet (with
+        `in_use_only`, only those that hold plugged blocks).
 
         Returns the indices it newly registered (for `unmap_unused` on a later failure). If
         KVM refuses one, the slots registered by this call are removed again and the error
@@ -111,7 +113,7 @@ class SlotMap:
         added: list[int] = []
         try:
             for index, _ in self._overlaps(first_block, nb_blocks):
-                if self._mapped[index] is None:
+                if self._mapped[index] is None and not (in_use_only and self._plugged[index] == 0):
                     offset, size = self.slot_extent(index)
                     self._mapped[index] = self._memslots.add(self.gpa + offset, size, self._mapping, offset, self.owner)
                     self.stats.adds += 1

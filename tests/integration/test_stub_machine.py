@@ -232,3 +232,48 @@ def test_int3_assist_is_counted(tmp_path: Path) -> None:
         assert assists.get("int3") == 1 and assists.get("inject:#BP") == 1, assists
         assert assists.get("failed", 0) == 0
         assert vm.console_text.count("B") == 1
+
+
+# ------------------------------------------------------------------------------ ACPI
+
+
+def _acpi_tables(machine) -> dict[str, bytes]:
+    """Follow the RSDP the machine wrote into guest memory to each XSDT table."""
+    from vmm.machine import ACPI_TABLES_ADDR
+    read = machine.memory.read
+    xsdt_addr = struct.unpack("<Q", read(ACPI_TABLES_ADDR + 24, 8))[0]
+    xsdt_len = struct.unpack("<I", read(xsdt_addr + 4, 4))[0]
+    tables = {}
+    for addr in struct.unpack(f"<{(xsdt_len - 36) // 8}Q", read(xsdt_addr + 36, xsdt_len - 36)):
+        length = struct.unpack("<I", read(addr + 4, 4))[0]
+        table = read(addr, length)
+        tables[table[:4].decode()] = table
+    return tables
+
+
+@pytest.mark.parametrize("node", [None, 1])
+def test_srat_exactly_when_a_virtio_mem_device_names_a_node(tmp_path: Path, node) -> None:
+    """node= makes the device offer VIRTIO_MEM_F_ACPI_PXM, so the guest needs an SRAT that
+    defines that proximity domain: the region, hot-pluggable, in domain `node`."""
+    from vmm.device_options import parse_virtio_mem
+    from vmm.machine import Machine, MachineConfig
+    kernel = stubkernel.hello_poweroff(tmp_path / "hello.elf")
+    opts = "id=vm0,size=1G" + (f",node={node}" if node is not None else "")
+    machine = Machine(MachineConfig(kernel=kernel, memory=64 << 20, virtio_mem=[parse_virtio_mem(opts)]))
+    try:
+        tables = _acpi_tables(machine)
+        dev = machine.virtio_mem["vm0"]
+        if node is None:
+            assert "SRAT" not in tables
+            return
+        srat = tables["SRAT"]
+        assert sum(srat) % 256 == 0
+        mems, off = [], 48
+        while off < len(srat):
+            if srat[off] == 1:
+                dom, _, base, size, _, flags = struct.unpack_from("<IHQQII", srat, off + 2)
+                mems.append((base, size, dom, flags))
+            off += srat[off + 1]
+        assert mems == [(0, 64 << 20, 0, 1), (dev.addr, dev.region_size, 1, 3)]
+    finally:
+        machine.close()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from firmware import acpi
-from firmware.acpi import AcpiConfig, AcpiDevice, AcpiError, InterruptOverride, build_acpi
+from firmware.acpi import AcpiConfig, AcpiDevice, AcpiError, InterruptOverride, MemoryAffinity, build_acpi
 
 BASE = 0xE0000
 IASL = shutil.which("iasl")
@@ -413,3 +413,54 @@ def test_iasl_decodes_fadt_madt_xsdt(tmp_path):
     for name in ("facp", "apic", "xsdt"):  # iasl's data-table compiler accepts them back
         rc, out = _run_iasl(["-p", f"{name}2", f"{name}.dsl"], tmp_path)
         assert rc == 0 and "0 Errors, 0 Warnings" in out, out
+
+
+# --- SRAT (NUMA affinity, for virtio-mem node=) ------------------------------
+
+NUMA = [MemoryAffinity(0, 0x1000_0000, 0), MemoryAffinity(0x1_4000_0000, 0x8000_0000, 1, hotpluggable=True)]
+
+
+def test_no_srat_without_memory_affinity():
+    image = build_acpi(sample_config(), BASE)
+    assert "SRAT" not in image.tables and "SRAT" not in parse(image)
+
+
+def test_srat_lists_cpus_in_domain_0_and_the_memory_ranges():
+    image = build_acpi(sample_config(cpus=3, memory_affinity=NUMA), BASE)
+    tables = parse(image)
+    srat = tables["SRAT"]
+    assert [at(image, a, 4) for a in tables["_xsdt_entries"]] == [b"FACP", b"APIC", b"SRAT"]
+    assert header(srat)["rev"] == 3 and sum(srat) % 256 == 0 and header(srat)["length"] == len(srat)
+    assert struct.unpack_from("<I", srat, 36)[0] == 1  # the compatibility "reserved" field
+    off, cpus, mems = 48, [], []
+    while off < len(srat):
+        kind, length = srat[off], srat[off + 1]
+        if kind == 0:
+            dom_lo, apic, flags, _eid, dom_hi = struct.unpack_from("<BBIB3s", srat, off + 2)
+            cpus.append((apic, dom_lo | int.from_bytes(dom_hi, "little") << 8, flags))
+        elif kind == 1:
+            dom, _, base, size, _, flags = struct.unpack_from("<IHQQII", srat, off + 2)
+            mems.append((base, size, dom, flags))
+        off += length
+    assert off == len(srat)
+    assert cpus == [(0, 0, 1), (1, 0, 1), (2, 0, 1)]
+    assert mems == [(0, 0x1000_0000, 0, 1), (0x1_4000_0000, 0x8000_0000, 1, 0b11)]
+
+
+def test_bad_memory_affinity_is_a_clear_error():
+    with pytest.raises(AcpiError, match="memory affinity size"):
+        build_acpi(sample_config(memory_affinity=[MemoryAffinity(0, 0, 0)]), BASE)
+    with pytest.raises(AcpiError, match="memory affinity node"):
+        build_acpi(sample_config(memory_affinity=[MemoryAffinity(0, 4096, -1)]), BASE)
+
+
+@needs_iasl
+def test_iasl_decodes_srat(tmp_path):
+    tables = parse(build_acpi(sample_config(cpus=2, memory_affinity=NUMA), BASE))
+    srat = _disassemble(tmp_path, "srat", tables["SRAT"])
+    assert srat.count("[Processor Local APIC/SAPIC Affinity]") == 2
+    assert srat.count("[Memory Affinity]") == 2
+    assert "Base Address : 0000000140000000" in srat and "Address Length : 0000000080000000" in srat
+    assert "Hot Pluggable : 1" in srat
+    rc, out = _run_iasl(["-p", "srat2", "srat.dsl"], tmp_path)
+    assert rc == 0 and "0 Errors, 0 Warnings" in out, out

@@ -79,6 +79,7 @@ def pyvmm_run(cycles: int) -> dict:
         stats = vm.qmp.execute("query-vm-stats")["virtio-mem"]["vm0"]
         vm.qmp.execute("quit")
     return {"plug": plug, "unplug": unplug, "request-time-us": stats["request-time-us"],
+            "after-answer-us": stats["after-answer-us"],
             "slot-adds": stats["slot-adds"], "slot-removes": stats["slot-removes"],
             "slot-size": stats["slot-size"], "cmdline": cmdline}
 
@@ -115,7 +116,7 @@ def qemu_run(cmdline: str, cycles: int) -> dict:
     return {"plug": plug, "unplug": unplug}
 
 
-def throughput(cycles: int = 1) -> dict:
+def throughput(cycles: int = 2) -> dict:
     py = pyvmm_run(cycles)
     qemu = qemu_run(py["cmdline"], cycles)
     gib = PLUG_SIZE / (1 << 30)
