@@ -4,8 +4,11 @@
 The bitmap is shown as runs of blocks in one of three states, the same three `pyvmm plot`
 draws: plugged; unplugged but inside a mapped memslot (its pages PROT_NONE: "protected");
 unplugged with no memslot. Runs come from `VirtioMem.block_runs()`, split where the memslot
-mapping changes. The bitmap and the slot map are read one after the other, so a request
-answered in between may show for a moment as a plugged run whose slot is not listed yet.
+mapping changes, and each says whether its memslot is mapped: plugged blocks normally are,
+but the device registers a PLUG's slots only after it has answered (and serves the blocks
+through its MMIO trap if KVM refuses), so a plugged run may briefly, or after such a
+refusal, have none. The bitmap and the slot map are read one after the other, not as one
+snapshot.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ PROTECTED = "protected"
 UNPLUGGED = "unplugged"
 STATE_TEXT = {PLUGGED: "plugged", PROTECTED: "unplugged, memslot mapped (protected)",
               UNPLUGGED: "unplugged, no memslot"}
+PLUGGED_UNMAPPED_TEXT = "plugged, no memslot (not registered yet, or KVM refused it)"
 # A hostile or unlucky bitmap can alternate every block (500k runs in 1 TiB): the monitor
 # shows this many and says how many it left out; the QMP query returns them all.
 MAX_HMP_RUNS = 256
@@ -35,30 +39,31 @@ def exact_size(n: int) -> str:
 
 
 def block_map_runs(dev: Any) -> list[dict[str, Any]]:
-    """The device's blocks as runs in one state, lowest address first, covering the region."""
+    """The device's blocks as runs of one state and one memslot mapping, lowest address
+    first, covering the region."""
     bs = dev.block_size
     slots = dev.slots
     per_slot = slots.slot_size // bs
     runs: list[dict[str, Any]] = []
 
-    def add(first: int, count: int, state: str) -> None:
-        if runs and runs[-1]["state"] == state and runs[-1]["first-block"] + runs[-1]["blocks"] == first:
-            runs[-1]["blocks"] += count
-            runs[-1]["end"] = dev.addr + (first + count) * bs - 1
+    def add(first: int, count: int, state: str, mapped: bool) -> None:
+        last = runs[-1] if runs else None
+        if last and (last["state"], last["memslot-mapped"]) == (state, mapped) \
+                and last["first-block"] + last["blocks"] == first:
+            last["blocks"] += count
+            last["end"] = dev.addr + (first + count) * bs - 1
             return
         runs.append({"start": dev.addr + first * bs, "end": dev.addr + (first + count) * bs - 1,
-                     "first-block": first, "blocks": count, "state": state,
-                     "memslot-mapped": state != UNPLUGGED})
+                     "first-block": first, "blocks": count, "state": state, "memslot-mapped": mapped})
 
     for first, count, plugged in dev.block_runs():
-        if plugged:
-            add(first, count, PLUGGED)
-            continue
-        # An unplugged run spans one or more slots; split it where the mapping changes.
+        # A run spans one or more slots; split it where the mapping changes.
         block, end = first, first + count
         while block < end:
             slot_end = min(end, (block // per_slot + 1) * per_slot)
-            add(block, slot_end - block, PROTECTED if slots.is_mapped(block // per_slot) else UNPLUGGED)
+            mapped = slots.is_mapped(block // per_slot)
+            state = PLUGGED if plugged else PROTECTED if mapped else UNPLUGGED
+            add(block, slot_end - block, state, mapped)
             block = slot_end
     return runs
 
@@ -88,8 +93,11 @@ def format_block_map(info: dict[str, Any], max_runs: int = MAX_HMP_RUNS) -> str:
     count_width = len(str(max((r["blocks"] for r in runs), default=0)))
     for run in runs[:max_runs]:
         noun = "block " if run["blocks"] == 1 else "blocks"
+        text = STATE_TEXT[run["state"]]
+        if run["state"] == PLUGGED and not run["memslot-mapped"]:
+            text = PLUGGED_UNMAPPED_TEXT
         lines.append(f'  {run["start"]:#0{width}x}-{run["end"]:#0{width}x}  {run["blocks"]:>{count_width}} {noun}  '
-                     f'{STATE_TEXT[run["state"]]}')
+                     f'{text}')
     if len(runs) > max_runs:
         lines.append(f"  ... {len(runs) - max_runs} more runs (x-pyvmm-query-virtio-mem-blocks lists them all)")
     return "".join(line + "\n" for line in lines)
