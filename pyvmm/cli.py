@@ -1,4 +1,5 @@
-"""The `pyvmm` command line: `pyvmm run`, `pyvmm trace summary`, `pyvmm version`.
+"""The `pyvmm` command line: `pyvmm run`, `pyvmm version`, `pyvmm trace summary` (in
+pyvmm/trace_summary.py), `pyvmm plot` (in pyvmm/plot.py).
 
 Every user error (a bad argument, a missing kernel, no /dev/kvm, too much memory) ends in
 one line on stderr and exit status 2, never a traceback.
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
     sub.add_parser("version", help="print the version")
     trace_summary.add_subcommand(sub)
+    from pyvmm import plot
+
+    plot.add_parser(sub)
     return p
 
 
@@ -106,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("pyvmm " + ".".join(map(str, VERSION)))
         return 0
-    if args.command == "trace":
-        return trace_summary.run(args)
+    if getattr(args, "handler", None) is not None:  # subcommands that live in their own module
+        return args.handler(args)
     try:
         return _run(args)
     except UsageError as e:

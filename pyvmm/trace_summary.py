@@ -216,6 +216,7 @@ def format_summary(path: str | Path, s: Summary) -> str:
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
     """`pyvmm trace summary FILE` on the CLI's subcommand table."""
     trace = sub.add_parser("trace", help="work with a trace written by `pyvmm run --trace FILE`")
+    trace.set_defaults(handler=run)
     actions = trace.add_subparsers(dest="trace_command", metavar="ACTION", parser_class=type(trace))
     summary = actions.add_parser("summary", help="counts per event and latencies (p50, p99, max)")
     summary.add_argument("file", type=Path, metavar="FILE", help="a trace file (JSON lines)")

@@ -88,11 +88,13 @@ class _NullSlotBackend:
         pass
 
 
-def make_guest_memory(regions: Iterable[tuple[int, int]] = ((0, MiB),)) -> GuestMemory:
-    """A GuestMemory with one bytearray-backed memslot per (gpa, size); page aligned."""
+def make_guest_memory(regions: Iterable[tuple[int, int]] = ((0, MiB),), owner: str | None = None) -> GuestMemory:
+    """A GuestMemory with one bytearray-backed memslot per (gpa, size); page aligned.
+
+    `owner` names the slots' owner; "ram" (boot RAM) lets devices cache views of it."""
     slots = MemslotManager(_NullSlotBackend())
     for gpa, size in regions:
-        slots.add(gpa, size, ByteMapping(size), 0, f"test-ram@{gpa:#x}")
+        slots.add(gpa, size, ByteMapping(size), 0, owner or f"test-ram@{gpa:#x}")
     return GuestMemory(slots)
 
 

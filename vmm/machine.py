@@ -42,7 +42,7 @@ from vmm.hostmem import PAGE_SIZE, HostMapping, format_size
 from vmm.kvm import Kvm, KvmError, MsrValue, VcpuFd
 from vmm.kvm_abi import ffi
 from vmm.device_options import HvBalloonOptions, VirtioMemOptions
-from vmm.memory import MMIO_HOLE_END, GuestMemory, ram_end, ram_layout
+from vmm.memory import MMIO_HOLE_END, STABLE_OWNER, GuestMemory, ram_end, ram_layout
 from vmm.memslots import MemslotManager
 from vmm.msr import MsrDispatch, MsrFault, deny_filter_range
 from vmm.symbols import Symbols
@@ -182,7 +182,7 @@ class Machine:
             self.ram.populate(0, self.ram.size)
         for r in ram_layout(config.memory):
             try:
-                self.slots.add(r.gpa, r.size, self.ram, r.offset, owner="ram")
+                self.slots.add(r.gpa, r.size, self.ram, r.offset, owner=STABLE_OWNER)
             except KvmError as e:
                 raise MachineError(f"KVM cannot map {format_size(config.memory)} of guest RAM "
                                    f"({os.strerror(e.errno)}): ask for less --memory") from None

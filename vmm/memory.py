@@ -45,6 +45,10 @@ def ram_end(size: int) -> int:
     return ram_layout(size)[-1].end
 
 
+# The memslot owner of boot RAM (vmm/machine.py), the one memory that never goes away.
+STABLE_OWNER = "ram"
+
+
 class GuestMemory:
     def __init__(self, slots: MemslotManager) -> None:
         self.slots = slots
@@ -66,6 +70,19 @@ class GuestMemory:
     def view(self, gpa: int, size: int) -> memoryview:
         mapping, off = self._locate(gpa, size)
         return mapping.view(off, size)
+
+    def stable_view(self, gpa: int, size: int) -> memoryview | None:
+        """A view of [gpa, gpa+size) that stays valid for the VM's life, or None.
+
+        Only boot RAM qualifies: its memslots are registered once and its mapping is neither
+        protected nor unmapped while the VM runs, whereas hot-plugged memory (virtio-mem,
+        hv-balloon hot-add) may be made inaccessible at any time. Devices cache such views
+        for structures they touch on every request, such as virtqueue rings.
+        """
+        ms = self.slots.lookup(gpa)
+        if ms is None or ms.owner != STABLE_OWNER or size < 0 or gpa + size > ms.end:
+            return None
+        return ms.mapping.view(ms.offset + (gpa - ms.gpa), size)
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")

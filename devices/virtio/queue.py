@@ -98,14 +98,16 @@ def _segments(mem, gpa: int, length: int) -> list[tuple[int, int]]:
         return []
     if gpa < 0 or length < 0 or gpa + length > 1 << 64:
         raise VirtqueueError(f"buffer {gpa:#x}+{length:#x} wraps the address space", E_GPA)
-    try:
-        mem.view(gpa, length)
-        return [(gpa, length)]
-    except GuestMemoryError:
-        pass
     lookup = getattr(getattr(mem, "slots", None), "lookup", None)
-    if lookup is None:
-        raise VirtqueueError(f"buffer {gpa:#x}+{length:#x} is not in guest memory", E_GPA)
+    if lookup is None:  # a memory without slots: let it say whether it backs the range
+        try:
+            mem.view(gpa, length)
+            return [(gpa, length)]
+        except GuestMemoryError:
+            raise VirtqueueError(f"buffer {gpa:#x}+{length:#x} is not in guest memory", E_GPA) from None
+    slot = lookup(gpa)
+    if slot is not None and gpa + length <= slot.end:
+        return [(gpa, length)]
     pieces = []
     addr, end = gpa, gpa + length
     while addr < end:
@@ -204,8 +206,15 @@ class Virtqueue:
         self.dropped = 0          # pushes after the queue was disabled or broken
         self._signalled_used = 0  # used_idx when the interrupt decision was last taken
         self._lock = threading.Lock()
+        # Views of the three ring areas when they lie in memory that cannot go away (boot
+        # RAM): each ring access is then one memoryview index instead of a memslot lookup.
+        self._desc_view: memoryview | None = None
+        self._avail16: memoryview | None = None
+        self._used_view: memoryview | None = None
+        self._used16: memoryview | None = None
         if size:
             self._validate_layout()
+            self._cache_ring_views()
 
     def _validate_layout(self) -> None:
         size = self.size
@@ -224,7 +233,35 @@ class Virtqueue:
             except VirtqueueError:
                 raise VirtqueueError(f"{name} {addr:#x}+{length:#x} is not in guest memory", E_RING_RANGE) from None
 
+    def _cache_ring_views(self) -> None:
+        stable_view = getattr(self.mem, "stable_view", None)
+        if stable_view is None:
+            return
+        size = self.size
+        desc = stable_view(self.desc_addr, VRING_DESC_SIZE * size)
+        avail = stable_view(self.avail_addr, 6 + 2 * size)
+        used = stable_view(self.used_addr, 6 + VRING_USED_ELEM_SIZE * size)
+        if desc is None or avail is None or used is None:
+            return
+        self._desc_view, self._avail16 = desc, avail.cast("H")
+        self._used_view, self._used16 = used, used.cast("H")
+
     # --- ring field access -------------------------------------------------------------
+    # The avail ring as 16-bit words: 0 flags, 1 idx, 2.. ring[size], 2+size used_event.
+    # The used ring as 16-bit words: 0 flags, 1 idx, then elements, 2+4*size avail_event.
+    def _avail_u16(self, word: int) -> int:
+        view = self._avail16
+        if view is not None:
+            return view[word]
+        return self._load_u16(self.avail_addr + 2 * word)
+
+    def _store_used_u16(self, word: int, value: int) -> None:
+        view = self._used16
+        if view is not None:
+            view[word] = value & 0xFFFF
+            return
+        self._store_u16(self.used_addr + 2 * word, value)
+
     def _load_u16(self, gpa: int) -> int:
         try:
             return self.mem.view(gpa, 2).cast("H")[0]
@@ -238,6 +275,9 @@ class Virtqueue:
             raise VirtqueueError(str(e), E_RING_RANGE) from None
 
     def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
+        view = self._desc_view
+        if view is not None and table == self.desc_addr:  # the caller checked index < size
+            return _DESC.unpack_from(view, VRING_DESC_SIZE * index)
         try:
             return _DESC.unpack(self.mem.read(table + VRING_DESC_SIZE * index, VRING_DESC_SIZE))
         except GuestMemoryError as e:
@@ -272,14 +312,17 @@ class Virtqueue:
                 return
             try:
                 slot = self.used_idx % self.size
-                elem = self.used_addr + 4 + VRING_USED_ELEM_SIZE * slot
-                try:
-                    self.mem.write(elem, _USED_ELEM.pack(chain.head, written))
-                except GuestMemoryError as e:
-                    raise VirtqueueError(str(e), E_RING_RANGE) from None
+                elem_at = 4 + VRING_USED_ELEM_SIZE * slot
+                if self._used_view is not None:
+                    _USED_ELEM.pack_into(self._used_view, elem_at, chain.head, written)
+                else:
+                    try:
+                        self.mem.write(self.used_addr + elem_at, _USED_ELEM.pack(chain.head, written))
+                    except GuestMemoryError as e:
+                        raise VirtqueueError(str(e), E_RING_RANGE) from None
                 # The element is stored before the index that publishes it (x86 keeps store order).
                 self.used_idx = (self.used_idx + 1) & 0xFFFF
-                self._store_u16(self.used_addr + 2, self.used_idx)
+                self._store_used_u16(1, self.used_idx)
                 self.pushed += 1
             except VirtqueueError as e:
                 self.broken = e.reason
@@ -298,9 +341,8 @@ class Virtqueue:
             _full_barrier()  # our used-idx store must be visible before we read the driver's wish
             try:
                 if self.event_idx:
-                    used_event = self._load_u16(self.avail_addr + 4 + 2 * self.size)
-                    return vring_need_event(used_event, new, old)
-                return not self._load_u16(self.avail_addr) & VRING_AVAIL_F_NO_INTERRUPT
+                    return vring_need_event(self._avail_u16(2 + self.size), new, old)
+                return not self._avail_u16(0) & VRING_AVAIL_F_NO_INTERRUPT
             except VirtqueueError as e:
                 self.broken = e.reason
                 raise
@@ -312,7 +354,7 @@ class Virtqueue:
 
     # --- internals ----------------------------------------------------------------------
     def _pending(self) -> int:
-        avail_idx = self._load_u16(self.avail_addr + 2)
+        avail_idx = self._avail_u16(1)
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail_idx}, "
@@ -320,22 +362,22 @@ class Virtqueue:
         return pending
 
     def _pop(self) -> DescriptorChain | None:
-        avail_event = self.used_addr + 4 + VRING_USED_ELEM_SIZE * self.size
+        avail_event = 2 + 4 * self.size  # the used ring's 16-bit word after its elements
         if not self._pending():
             if not self.event_idx:
                 return None
             # Ask to be notified of the next buffer, then look again: the driver may have
             # added one after our first look but before it could see the new avail_event.
-            self._store_u16(avail_event, self.last_avail_idx)
+            self._store_used_u16(avail_event, self.last_avail_idx)
             _full_barrier()
             if not self._pending():
                 return None
         slot = self.last_avail_idx % self.size
-        head = self._load_u16(self.avail_addr + 4 + 2 * slot)
+        head = self._avail_u16(2 + slot)
         chain = self._walk(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:
-            self._store_u16(avail_event, self.last_avail_idx)
+            self._store_used_u16(avail_event, self.last_avail_idx)
         self.popped += 1
         return chain
 

@@ -1,7 +1,8 @@
 """QMP and HMP commands for memory devices and memslots.
 
 `query-memory-devices`, `qom-set`/`qom-get` of a device's `requested-size`, pyvmm's own
-`query-memslots`, and `info memory-devices` in QEMU's text format. The commands reach the
+`query-memslots`, and `info memory-devices` in QEMU's text format (plus, from
+virtio_mem_blocks.py, the live block map: `info virtio-mem ID`). The commands reach the
 devices through the machine's `virtio_mem` table and its memslot manager, nothing more.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pyvmm.qmp.commands import QmpCommandError
+from pyvmm.qmp.virtio_mem_blocks import register_virtio_mem_block_commands
 
 PERIPHERAL_PREFIX = "/machine/peripheral/"
 DEVICE_NOT_FOUND = "DeviceNotFound"
@@ -86,3 +88,4 @@ def register_memory_commands(commands, hmp, machine) -> None:
     commands.register("query-memslots", query_memslots, {},
                       help="pyvmm: every KVM memslot with its GPA, size, host address and owner")
     hmp.register_info("memory-devices", info_memory_devices, "show memory devices")
+    register_virtio_mem_block_commands(commands, hmp, machine)  # info virtio-mem ID, its QMP twin
