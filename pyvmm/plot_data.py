@@ -21,17 +21,16 @@ Block maps stay bounded however large the region and however long the trace:
 
 from __future__ import annotations
 
-import json
-import math
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from bitarray import bitarray
 
-TRACE_VERSION = 1
+from pyvmm.trace_file import TraceError, read_trace
+
 DEFAULT_MAX_ROWS = 2048
 DEFAULT_MAX_COLUMNS = 4096
 
@@ -44,10 +43,6 @@ PROTECTED = 1
 PLUGGED = 2
 STATE_NAMES = {PLUGGED: "plugged", PROTECTED: "unplugged, memslot mapped (protected)",
                NO_MEMSLOT: "unplugged, no memslot"}
-
-
-class TraceError(Exception):
-    """The file is not a readable pyvmm trace; the message is one line for the user."""
 
 
 @dataclass
@@ -188,58 +183,15 @@ class TraceData:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_events(lines: Iterable[str]) -> tuple[list[dict], bool]:
-    """JSON objects from trace lines, and whether the last line was cut off.
-
-    A broken last line is dropped (the writer was killed mid-line); a broken line anywhere
-    else means the file is not a trace: TraceError.
-    """
-    events: list[dict] = []
-    pending_error: str | None = None
-    for number, line in enumerate(lines, 1):
-        if pending_error is not None:
-            raise TraceError(pending_error)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            pending_error = f"line {number} is not JSON"
-            continue
-        if not isinstance(obj, dict):
-            raise TraceError(f"line {number} is not a JSON object")
-        t = obj.get("t")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-                or not isinstance(obj.get("ev"), str):
-            raise TraceError(f"line {number} lacks a numeric 't' or a string 'ev'")
-        obj["_line"] = number
-        events.append(obj)
-    if not events:
-        raise TraceError("the file holds no trace events")
-    first = events[0]
-    if first["ev"] != "trace-start":
-        raise TraceError("not a pyvmm trace (the first event is not trace-start)")
-    if first.get("version") != TRACE_VERSION:
-        raise TraceError(f"unsupported trace version {first.get('version')!r} (this pyvmm reads version {TRACE_VERSION})")
-    return events, pending_error is not None
-
-
 def load_trace(path: str | Path, *, max_rows: int = DEFAULT_MAX_ROWS,
                max_columns: int = DEFAULT_MAX_COLUMNS) -> TraceData:
     """Read and replay a trace file; TraceError (one line) if it cannot be used."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            events, truncated = read_events(f)
-    except FileNotFoundError:
-        raise TraceError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TraceError(f"{path}: is a directory") from None
-    except UnicodeDecodeError:
-        raise TraceError(f"{path}: not a text file") from None
-    except OSError as e:
-        raise TraceError(f"{path}: {e.strerror or e}") from None
-    except TraceError as e:
-        raise TraceError(f"{path}: {e}") from None
+    events: list[dict] = []
+
+    def keep(event: dict, number: int) -> None:
+        event["_line"] = number  # for error messages during the replay
+        events.append(event)
+    truncated = read_trace(path, keep)
     try:
         data = replay(events, max_rows=max_rows, max_columns=max_columns)
     except TraceError as e:

@@ -9,21 +9,16 @@ anywhere else means the file is not a trace.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+
+from pyvmm.trace_file import TraceError, read_trace
 
 EXIT_OK = 0
 EXIT_USAGE = 2
-FORMAT_VERSION = 1
-
-
-class TraceFileError(Exception):
-    """The file cannot be read as a trace (one-line message)."""
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -92,59 +87,10 @@ class Summary:
 
 # ---------------------------------------------------------------------- reading
 
-def _lines(f: TextIO) -> Iterator[tuple[int, str, bool]]:
-    """(line number, text, is last non-blank line) for every non-blank line."""
-    pending: tuple[int, str] | None = None
-    for number, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        if pending is not None:
-            yield pending[0], pending[1], False
-        pending = (number, line)
-    if pending is not None:
-        yield pending[0], pending[1], True
-
-
-def _event(line: str) -> dict | None:
-    """The event on a line, or None if the line is not one."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
-        return None
-    t, ev = event.get("t"), event.get("ev")
-    if not isinstance(ev, str) or not isinstance(t, (int, float)) or isinstance(t, bool):
-        return None
-    return event
-
-
 def summarize(path: str | Path) -> Summary:
-    """Read a trace file; TraceFileError if it is missing, unreadable or not a trace."""
+    """Read a trace file; TraceError if it is missing, unreadable or not a trace."""
     summary = Summary()
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line, last in _lines(f):
-                event = _event(line)
-                if event is None:
-                    if last and line.lstrip().startswith("{") and summary.events:
-                        summary.truncated_tail = True  # a VMM killed mid-write leaves half a line
-                        break
-                    raise TraceFileError(f"{path}:{number}: not a trace event (expected a JSON object "
-                                         f"with \"t\" and \"ev\")")
-                if not summary.events and event["ev"] != "trace-start":
-                    raise TraceFileError(f"{path}: not a pyvmm trace (the first line is not trace-start)")
-                summary.add(event)
-    except FileNotFoundError:
-        raise TraceFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TraceFileError(f"{path}: is a directory") from None
-    except UnicodeDecodeError:
-        raise TraceFileError(f"{path}: not a trace (not UTF-8 text)") from None
-    except OSError as e:
-        raise TraceFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not summary.events:
-        raise TraceFileError(f"{path}: empty, not a trace")
+    summary.truncated_tail = read_trace(path, lambda event, _number: summary.add(event))
     return summary
 
 
@@ -189,8 +135,6 @@ def format_summary(path: str | Path, s: Summary) -> str:
         lines.append("no trace-end line: the VMM did not exit cleanly (or is still running)")
     if s.truncated_tail:
         lines.append("the last line was cut short and is skipped")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        lines.append(f"note: format {version} is newer than this reader's {FORMAT_VERSION}; unknown fields are ignored")
 
     lines += _table("events", ["event", "count"], [[ev, str(n)] for ev, n in sorted(s.events.items())])
     lines += _table("virtio-mem requests", ["type / response", "count", *LATENCY_COLUMNS],
@@ -228,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         summary = summarize(args.file)
-    except TraceFileError as e:
+    except TraceError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(format_summary(args.file, summary))

@@ -21,6 +21,8 @@ from qemu.qmp import ExecuteError, QMPClient
 import pyvmm
 from tests.integration.guest_support import BOOT_TIMEOUT, REBOOT_TIMEOUT, require_guest
 from tests.procfs import region_rss
+from pyvmm.plot import plot_file
+from pyvmm.plot_data import PLUGGED
 from tests.qemu_qmp import next_event, qmp_session
 
 MiB = 1 << 20
@@ -91,6 +93,28 @@ def test_guest_binds_both_devices(vm: pyvmm.VM) -> None:
     assert slots_of(vm, "vm0") == [] and slots_of(vm, "vm1") == []
 
 
+def check_block_runs(vm: pyvmm.VM, dev: str, plugged: int) -> dict:
+    """The live block map (x-pyvmm-query-virtio-mem-blocks, `info virtio-mem`) adds up to the
+    plugged size and agrees with query-memslots about which runs have a mapped slot."""
+    answer = qmp(vm, "x-pyvmm-query-virtio-mem-blocks", {"id": dev})
+    runs = answer["runs"]
+    assert answer["size"] == plugged
+    assert sum(r["blocks"] for r in runs if r["state"] == "plugged") * answer["block-size"] == plugged
+    assert runs[0]["start"] == answer["memaddr"] and runs[-1]["end"] == answer["memaddr"] + answer["max-size"] - 1
+    slots = slots_of(vm, dev)
+    assert len(slots) == answer["memslots-mapped"]
+
+    def mapped(gpa: int) -> bool:
+        return any(s["gpa"] <= gpa < s["gpa"] + s["size"] for s in slots)
+    for run in runs:
+        assert mapped(run["start"]) == run["memslot-mapped"] == mapped(run["end"])
+    text = qmp(vm, "human-monitor-command", {"command-line": f"info virtio-mem {dev}"})
+    lines = text.split("\r\n")
+    assert lines[0].startswith(f'virtio-mem "{dev}": ')
+    assert sum(line.endswith("  plugged") for line in lines) == sum(r["state"] == "plugged" for r in runs)
+    return answer
+
+
 def test_plug_512m_grows_memtotal_and_maps_slots(vm: pyvmm.VM) -> None:
     before = vm.agent.meminfo()["MemTotal"]
     event = request_and_wait(vm, "vm0", 512 * MiB)
@@ -102,6 +126,7 @@ def test_plug_512m_grows_memtotal_and_maps_slots(vm: pyvmm.VM) -> None:
     info = device_info(vm, "vm0")
     assert info["requested-size"] == 512 * MiB
     assert all(info["memaddr"] <= s["gpa"] < info["memaddr"] + info["max-size"] for s in slots)
+    check_block_runs(vm, "vm0", 512 * MiB)
 
 
 def test_data_survives_plugging_and_unplugging_other_blocks(vm: pyvmm.VM) -> None:
@@ -130,6 +155,9 @@ def test_unplug_to_zero_shrinks_memtotal_removes_slots_and_frees_host_memory(vm:
     vm.wait_for(lambda: total - vm.agent.meminfo()["MemTotal"] == 512 * MiB, 120,
                 what="MemTotal to shrink by 512 MiB")
     assert slots_of(vm, "vm0") == []
+    check_block_runs(vm, "vm0", 0)
+    assert qmp(vm, "human-monitor-command", {"command-line": "info virtio-mem nope"}) == \
+        "Error: Device 'nope' not found\r\n"
     # Unplugged memory is discarded on the host: nothing of the region stays resident.
     assert region_rss(vm.pid, host_lo, host_hi) < 1 * MiB
 
@@ -217,3 +245,18 @@ def test_trace_records_the_run(vm: pyvmm.VM) -> None:
                              capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert summary.returncode == 0, summary.stderr
     assert "plug ack" in summary.stdout and "qom-set" in summary.stdout
+
+    # `pyvmm plot` of the same trace: check the data behind the picture, not its pixels.
+    png = vm.trace_path.with_suffix(".png")
+    data = plot_file(vm.trace_path, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    for dev in ("vm0", "vm1"):
+        line = data.virtio_mem[dev]
+        assert line.plugged.value_at(data.duration) == last_size[dev]
+        assert line.plugged.peak() == {"vm0": 512 * MiB, "vm1": 256 * MiB}[dev]
+        assert line.requested.value_at(data.duration) == last_size[dev]
+        assert line.resets if dev == "vm0" else True
+        blocks = line.blocks
+        if blocks.blocks_per_row == 1:  # one block per row: the map is exact
+            assert blocks.states_at(data.duration).count(PLUGGED) * blocks.block_size == last_size[dev]
+    assert data.memslots.size_by_owner["virtio-mem:vm0"].peak() == 512 * MiB

@@ -21,16 +21,17 @@ from pyvmm.plot_data import (
     Step,
     TraceError,
     load_trace,
-    read_events,
     replay,
 )
+from pyvmm.trace_file import read_lines
 from tests.synthetic_trace import GiB, MiB, TiB, VMEM_ADDR, TraceBuilder, realistic_trace
 
 BS = 2 * MiB
 
 
 def replayed(builder: TraceBuilder, **kw):
-    events, truncated = read_events(builder.text().splitlines(True))
+    events: list[dict] = []
+    truncated = read_lines(builder.text().splitlines(True), lambda e, n: events.append({**e, "_line": n}))
     assert not truncated
     return replay(events, **kw)
 
@@ -290,6 +291,7 @@ def test_truncated_last_line_is_dropped(tmp_path) -> None:
     ('{"t": 1, "ev": "trace-start", "version": 1}\n{"ev": "x"}\n', "line 2 lacks a numeric 't'"),
     ('{"t": 1, "ev": "memslot.add"}\n', "not a pyvmm trace"),
     ('{"t": 1, "ev": "trace-start", "version": 2}\n', "unsupported trace version 2"),
+    ('{"t": 1, "ev": "trace-start"}\n', "unsupported trace version None"),
     ('{"t": 1, "ev": "trace-start", "version": 1}\n{"t": 2, "ev": "memslot.add", "slot": 0, "gpa": -4}\n',
      "line 2: memslot.add needs an integer 'gpa' >= 0"),
     ('{"t": 1, "ev": "trace-start", "version": 1}\n'

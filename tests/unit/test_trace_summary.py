@@ -111,12 +111,12 @@ def test_a_tracer_file_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture)
     (None, "no such file"),
     ("", "empty"),
     ("\n\n", "empty"),
-    (json.dumps(START) + "\nthis is not json\n" + json.dumps(START) + "\n", ":2: not a trace event"),
-    (json.dumps(START) + "\n[1, 2]\n" + json.dumps(START) + "\n", ":2: not a trace event"),
-    (json.dumps(START) + '\n{"t": "soon", "ev": "x"}\n' + json.dumps(START) + "\n", ":2: not a trace event"),
-    ('{"t": 1.0, "ev": "memslot.add"}\n', "first line is not trace-start"),
-    ("name,value\nfoo,1\n", ":1: not a trace event"),
-    (b"\xff\xfe\x00binary", "not UTF-8"),
+    (json.dumps(START) + "\nthis is not json\n" + json.dumps(START) + "\n", ": line 2 is not"),
+    (json.dumps(START) + "\n[1, 2]\n" + json.dumps(START) + "\n", ": line 2 is not"),
+    (json.dumps(START) + '\n{"t": "soon", "ev": "x"}\n' + json.dumps(START) + "\n", ": line 2 lacks a numeric 't'"),
+    ('{"t": 1.0, "ev": "memslot.add"}\n', "first event is not trace-start"),
+    ("name,value\nfoo,1\n", "line 1 is not JSON"),
+    (b"\xff\xfe\x00binary", "not a text file"),
 ])
 def test_bad_files_give_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture, content, message) -> None:
     path = tmp_path / "bad.jsonl"
