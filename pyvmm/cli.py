@@ -1,4 +1,4 @@
-"""The `pyvmm` command line: `pyvmm run`, `pyvmm version`.
+"""The `pyvmm` command line: `pyvmm run`, `pyvmm check`, `pyvmm version`.
 
 Every user error (a bad argument, a missing kernel, no /dev/kvm, too much memory) ends in
 one line on stderr and exit status 2, never a traceback.
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", action="store_true", help="log every exit to stderr (slow)")
     run.add_argument("--system-map", type=Path, help="System.map for symbol names in reports")
     sub.add_parser("version", help="print the version")
+    from pyvmm.check.command import add_parser as add_check_parser
+
+    add_check_parser(sub)
     return p
 
 
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print("pyvmm " + ".".join(map(str, VERSION)))
         return 0
+    if args.command == "check":
+        from pyvmm.check.command import main as check_main
+
+        return check_main(args)
     try:
         return _run(args)
     except UsageError as e:
