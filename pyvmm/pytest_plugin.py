@@ -246,8 +246,8 @@ def kit_tests(kit: str, scenarios: list[str] | None = None) -> Callable[..., Non
     selected = REGISTRY.select(kit, scenarios)
     by_name = {sc.name: sc for sc in selected}
 
-    @pytest.mark.parametrize("pyvmm_kit_context", [kit], indirect=True, ids=[kit])
     @pytest.mark.parametrize("pyvmm_scenario", list(by_name))
+    @pytest.mark.parametrize("pyvmm_kit_context", [kit], indirect=True, ids=[kit])
     def run_scenario(pyvmm_kit_context: Any, pyvmm_scenario: str) -> None:
         ctx = pyvmm_kit_context
         sc = by_name[pyvmm_scenario]
