@@ -22,6 +22,9 @@ from pyvmm.check.outcomes import CheckFailed, GuestGone
 
 T = TypeVar("T")
 REBOOT_RESET_TIMEOUT_S = 60.0  # from the guest's `reboot -f` to the machine reset
+KIB = 1024
+# "MemTotal:  250180 kB" is the first line of /proc/meminfo.
+MEMTOTAL_COMMAND = "read -r _pyvmm_key _pyvmm_kib _pyvmm_unit < /proc/meminfo && echo $_pyvmm_key $_pyvmm_kib"
 
 
 class Context:
@@ -84,7 +87,13 @@ class Context:
         return self.agent.meminfo()
 
     def memtotal(self) -> int:
-        return self.meminfo()["MemTotal"]
+        """MemTotal in bytes. The first line of /proc/meminfo is read by the agent shell's
+        builtin `read` (no program is exec'd: a tenth of the cost of `meminfo` under PVM)."""
+        status, out = self.agent.run(MEMTOTAL_COMMAND)
+        fields = out.split()
+        if status != 0 or len(fields) != 2 or fields[0] != "MemTotal:" or not fields[1].isdigit():
+            raise CheckFailed(f"cannot read MemTotal from /proc/meminfo: status {status}, {out.strip()[:200]!r}")
+        return int(fields[1]) * KIB
 
     def vm_stats(self) -> dict:
         return self.qmp.execute("query-vm-stats")

@@ -19,11 +19,12 @@ from pyvmm.check.waits import MiB, mib
 KIT = "virtio-mem"
 STEP = 128 * MiB
 PATTERN_SIZE = 1 * MiB
-HELD_PATTERN_SIZE = 2 * MiB
+HELD_PATTERN_SIZE = 1 * MiB
 # Resident bytes of the region the host may keep once all is unplugged (page-table pages
 # and the like; the device discards the memory itself).
 UNPLUGGED_RSS_SLACK = 1 * MiB
 IN_FLIGHT_POLL_S = 0.05
+SETTLE_S = 1.0
 
 
 @scenario(KIT)
@@ -134,21 +135,22 @@ def unplug_all(ctx: VirtioMemContext) -> None:
 @scenario(KIT)
 def resize_while_in_flight(ctx: VirtioMemContext) -> None:
     """A new requested-size while the guest is still plugging towards the previous one:
-    the guest follows the latest request (asked for the whole 1 GiB region, changed to
-    128 MiB part-way, it ends at exactly 128 MiB)."""
+    asked for the whole 1 GiB region and, once it has plugged its first chunk, for only
+    128 MiB more than that, the guest stops there and its MemTotal agrees."""
     before = ctx.fault_counts()
     ctx.request(REGION_SIZE)
     partial = ctx.wait_until(lambda: ctx.plugged or None, ctx.timeout(60.0),
                              "the guest to start plugging", interval=IN_FLIGHT_POLL_S)
-    if partial >= REGION_SIZE:
+    if partial + STEP >= REGION_SIZE:
         ctx.plug(0, memtotal=False)
-        raise ScenarioSkipped("the guest plugged the whole region before the change could land")
+        raise ScenarioSkipped("the guest plugged (nearly) the whole region before the change could land")
+    target = partial + STEP
     ctx.log(f"{mib(partial)} plugged so far; changing the request")
-    ctx.request(STEP)
-    ctx.wait_plugged(STEP)
-    time.sleep(1.0)  # a late plug of the old request would show here
-    ctx.expect(ctx.plugged == STEP, f"plugged moved past the new request: {mib(ctx.plugged)}")
-    ctx.wait_memtotal(STEP)
+    ctx.request(target)
+    ctx.wait_plugged(target)
+    time.sleep(SETTLE_S)  # a late plug for the old request would show now
+    ctx.expect(ctx.plugged == target, f"plugged moved past the new request of {mib(target)}: {mib(ctx.plugged)}")
+    ctx.wait_memtotal(target)
     ctx.expect_slots_cover_plugged()
     ctx.plug(0, memtotal=False)
     ctx.expect_no_new_faults(before)
@@ -156,21 +158,21 @@ def resize_while_in_flight(ctx: VirtioMemContext) -> None:
 
 @scenario(KIT)
 def data_integrity(ctx: VirtioMemContext) -> None:
-    """Data the guest wrote in its boot memory and in plugged memory survives plugging and
-    unplugging around it: both patterns verify after each step."""
-    boot_path, plugged_path = "/tmp/pyvmm-check-boot", "/tmp/pyvmm-check-plugged"
-    ctx.agent.pattern_fill(boot_path, PATTERN_SIZE, seed=11)
+    """Data the guest wrote in its boot memory survives memory being plugged and unplugged
+    next to it (384 MiB and back): the pattern verifies afterwards, and the device counts
+    no access to unplugged memory. (Data in plugged memory: unplug-while-holding.)"""
+    before = ctx.fault_counts()
+    path = "/tmp/pyvmm-check-boot"
+    ctx.agent.pattern_fill(path, PATTERN_SIZE, seed=11)
     try:
-        ctx.plug(STEP, memtotal=False)
-        ctx.agent.pattern_fill(plugged_path, PATTERN_SIZE, seed=12)
         ctx.plug(3 * STEP, memtotal=False)
         ctx.plug(0, memtotal=False)
-        for path, seed in ((boot_path, 11), (plugged_path, 12)):
-            ctx.expect(ctx.agent.pattern_verify(path, seed=seed),
-                       f"{path} changed across plug and unplug: {ctx.agent.last_output.strip()}")
-        ctx.log("both patterns verify")
+        ctx.expect(ctx.agent.pattern_verify(path, seed=11),
+                   f"{path} changed across plug and unplug: {ctx.agent.last_output.strip()}")
+        ctx.log("the pattern verifies")
     finally:
-        ctx.agent.run(f"rm -f {boot_path} {plugged_path}")
+        ctx.agent.pattern_free(path)
+    ctx.expect_no_new_faults(before)
 
 
 @scenario(KIT)
