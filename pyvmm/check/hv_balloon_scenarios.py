@@ -28,6 +28,9 @@ HELD_PATTERN_SIZE = 2 * MiB
 # A status report's "available" is the guest's MemAvailable at the time it was sent; the
 # agent reads MemAvailable a little later, in a guest that is idle apart from that.
 AVAILABLE_SLACK = 32 * MiB
+# Committed memory may exceed RAM (overcommit), but not by orders of magnitude: a report in
+# the wrong unit would.
+COMMITTED_SANITY_FACTOR = 4
 FLOOR_MESSAGE = "Balloon request will be partially fulfilled"
 DMESG_LINES = 200
 
@@ -119,7 +122,8 @@ def hot_add(ctx: HvBalloonContext) -> None:
 def status_reports(ctx: HvBalloonContext) -> None:
     """The guest posts Dynamic Memory status reports (Linux: every second, after 45 s): a
     fresh HV_BALLOON_STATUS_REPORT event arrives, and its figures are sane: "available" is
-    about the guest's MemAvailable, "committed" is positive and within its memory."""
+    about the guest's MemAvailable, "committed" counts at least the ballooned pages (Linux
+    adds them to its committed memory) and is not absurdly large."""
     ctx.qmp.events(clear=True)
     try:
         event = ctx.qmp.wait_event("HV_BALLOON_STATUS_REPORT", timeout=ctx.timeout(STATUS_REPORT_TIMEOUT_S))
@@ -129,12 +133,14 @@ def status_reports(ctx: HvBalloonContext) -> None:
                           f"(last report: {ctx.status_report()})") from None
     report = event["data"]
     available = ctx.meminfo()["MemAvailable"]
-    ctx.log(f"report {report}; MemAvailable {available}")
+    ballooned = ctx.counters()["pages"]["ballooned"] * PAGE
+    ctx.log(f"report {report}; MemAvailable {available}; ballooned {ballooned}")
     actual = ctx.actual
     ctx.expect(0 < report["available"] <= actual,
                f"reported available {report['available']} is not within (0, {actual}]")
     ctx.expect(abs(report["available"] - available) <= AVAILABLE_SLACK,
                f"reported available {mib(report['available'])} is far from the guest's MemAvailable {mib(available)}")
-    ctx.expect(0 < report["committed"] <= actual,
-               f"reported committed {report['committed']} is not within (0, {actual}]")
+    most = COMMITTED_SANITY_FACTOR * (ctx.boot_size + ctx.hot_add_size)
+    ctx.expect(max(ballooned, 1) <= report["committed"] <= most,
+               f"reported committed {report['committed']} is not within [{ballooned} ballooned, {most}]")
     ctx.expect(ctx.status_report() is not None, "query-hv-balloon-status-report has no report")

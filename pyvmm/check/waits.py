@@ -70,5 +70,5 @@ def wait_until(predicate: Callable[[], T], timeout: float, expected: str,
                     saw = f"; saw {seen()}"
                 except Exception as e:  # the observation itself failed: say so, keep the verdict
                     saw = f"; could not observe the state ({type(e).__name__}: {e})"
-            raise CheckFailed(f"expected {expected} within {timeout:.0f} s{saw}")
+            raise CheckFailed(f"expected {expected} within {timeout:.3g} s{saw}")
         time.sleep(interval)

@@ -255,3 +255,21 @@ def test_kit_scenarios_run_as_tests(env: pytest.Pytester, kernels: dict[str, Pat
     result.stdout.fnmatch_lines(["*expected 4 MiB plugged within 60 s; saw 0 MiB plugged*"])
     # the real virtio-mem kit refuses the stub at its static probe, before booting
     result.stdout.fnmatch_lines(["*the kernel lacks CONFIG_VIRTIO_MMIO, CONFIG_VIRTIO_MEM*"])
+
+
+def test_waiter_reports_what_it_expected_and_saw(tmp_path: Path) -> None:
+    import pyvmm
+    from pyvmm.check.outcomes import CheckFailed, GuestGone
+    from pyvmm.pytest_plugin import Waiter
+
+    kernel = stubkernel.write_stub(tmp_path / "halt.elf", stubkernel.print_code(b"up\n") + stubkernel.HLT_LOOP)
+    with pyvmm.VM(kernel=kernel, memory="64M", virtio_mem=["id=vm0,size=128M"]) as vm:
+        wait = Waiter(vm)
+        # a halted stub has no virtio-mem driver: nothing is ever plugged
+        with pytest.raises(CheckFailed, match=r"^expected virtio-mem vm0 at 4 MiB plugged within 1 s; "
+                                              r"saw 0 MiB plugged$"):
+            wait.virtio_mem_plugged("vm0", 4 << 20, timeout=1.0)
+        assert wait.until(lambda: "up" in vm.console_text and 42, 30, "the stub's output") == 42
+        vm.qmp.execute("quit")
+        with pytest.raises(GuestGone, match="the VM exited"):
+            wait.until(lambda: False, 30, "something that never comes")
