@@ -108,7 +108,7 @@ def unplug_while_holding(ctx: VirtioMemContext) -> None:
         ctx.plug(STEP, memtotal=False)
         ctx.expect(ctx.agent.pattern_verify(path, seed=0x5EED),
                    f"data held in plugged memory changed after unplugging half of it: {ctx.agent.last_output.strip()}")
-        ctx.plug(0)
+        ctx.plug(0, memtotal=False)
         ctx.expect(ctx.agent.pattern_verify(path, seed=0x5EED),
                    f"data held in plugged memory changed after unplugging all of it: {ctx.agent.last_output.strip()}")
     finally:
@@ -118,10 +118,10 @@ def unplug_while_holding(ctx: VirtioMemContext) -> None:
 
 @scenario(KIT)
 def unplug_all(ctx: VirtioMemContext) -> None:
-    """From 384 MiB plugged, requested-size 0 makes the guest unplug everything: nothing
+    """From 256 MiB plugged, requested-size 0 makes the guest unplug everything: nothing
     plugged, MemTotal back to its boot value, no memory block and no memslot left in the
     region, and the host no longer holds the memory."""
-    ctx.plug(3 * STEP, memtotal=False)
+    ctx.plug(2 * STEP, memtotal=False)
     ctx.region_host_rss()  # learns the region's host address while a memslot is mapped
     ctx.plug(0)
     ctx.expect_slots_cover_plugged()
@@ -159,13 +159,13 @@ def resize_while_in_flight(ctx: VirtioMemContext) -> None:
 @scenario(KIT)
 def data_integrity(ctx: VirtioMemContext) -> None:
     """Data the guest wrote in its boot memory survives memory being plugged and unplugged
-    next to it (384 MiB and back): the pattern verifies afterwards, and the device counts
+    next to it (256 MiB and back): the pattern verifies afterwards, and the device counts
     no access to unplugged memory. (Data in plugged memory: unplug-while-holding.)"""
     before = ctx.fault_counts()
     path = "/tmp/pyvmm-check-boot"
     ctx.agent.pattern_fill(path, PATTERN_SIZE, seed=11)
     try:
-        ctx.plug(3 * STEP, memtotal=False)
+        ctx.plug(2 * STEP, memtotal=False)
         ctx.plug(0, memtotal=False)
         ctx.expect(ctx.agent.pattern_verify(path, seed=11),
                    f"{path} changed across plug and unplug: {ctx.agent.last_output.strip()}")
@@ -179,7 +179,7 @@ def data_integrity(ctx: VirtioMemContext) -> None:
 def reboot_mid_plug(ctx: VirtioMemContext) -> None:
     """A reboot while the guest is plugging: at the reset the device drops to nothing
     plugged, the new kernel plugs back to the requested size, and its MemTotal agrees."""
-    target = 3 * STEP
+    target = 2 * STEP
     ctx.request(target)
     partial = ctx.wait_until(lambda: ctx.plugged or None, ctx.timeout(60.0),
                              "the guest to start plugging", interval=IN_FLIGHT_POLL_S)
