@@ -253,6 +253,7 @@ def kit_tests(kit: str, scenarios: list[str] | None = None) -> Callable[..., Non
         sc = by_name[pyvmm_scenario]
         ctx.begin()
         try:
+            ctx.prepare()
             sc(ctx)
         except ScenarioSkipped as e:
             pytest.skip(str(e))

@@ -122,5 +122,9 @@ class Context:
     def setup(self) -> None:
         """Runtime check after boot (drivers bound) and the baseline measurements."""
 
+    def prepare(self) -> None:
+        """Before each scenario: bring the device to the state scenarios start from, if a
+        kit wants that (a no-op when it is there already)."""
+
     def settle(self) -> None:
         """Bring the device back to its baseline after a failed scenario (bounded)."""

@@ -4,7 +4,8 @@ scenarios on that one guest, with a live progress line per step and a final tabl
 Steps before the scenarios ("kernel-probe", "boot", "driver-check") are reported like
 scenarios, so a CI's JUnit view shows why nothing ran. A failed scenario is followed by the
 kit's settle step (back to its baseline, bounded) so that the next one starts clean; once
-the VM has exited every remaining scenario fails at once.
+the VM has exited every remaining scenario fails at once. Before each scenario the kit's
+prepare step runs (virtio-mem: nothing plugged), counted in that scenario's time.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class KitRun:
 
     def _run_scenarios(self, ctx: Any) -> None:
         for i, sc in enumerate(self.scenarios):
-            result = self._step(sc.name, sc.expects, lambda sc=sc: sc(ctx), ctx)
+            result = self._step(sc.name, sc.expects, lambda sc=sc: (ctx.prepare(), sc(ctx))[1], ctx)
             if result.status != FAIL:
                 continue
             if ctx.vm.returncode is not None or result.message.startswith("the VM exited"):

@@ -200,7 +200,11 @@ class VirtioMemContext(Context):
     def settle(self) -> None:
         """Back to nothing plugged, as every scenario starts."""
         if self.plugged or self.info()["requested-size"]:
+            self.log("back to nothing plugged")
             self.plug(0, memtotal=False)
+
+    def prepare(self) -> None:
+        self.settle()
 
 
 def _int(text: str | None) -> int | None:

@@ -40,6 +40,9 @@ class FakeContext(Context):
     def settle(self) -> None:
         self.state["settled"] = self.state.get("settled", 0) + 1
 
+    def prepare(self) -> None:
+        self.state["prepared"] = self.state.get("prepared", 0) + 1
+
 
 class FakeKit(Kit):
     name = "fake"
@@ -127,6 +130,15 @@ def test_settle_runs_after_each_failure_but_the_last() -> None:
         settled.append(ctx.state.get("settled", 0))
     run(kit, [sc("bad", fails), sc("check", record), sc("bad2", fails)])
     assert settled == [1]
+
+
+def test_prepare_runs_before_every_scenario() -> None:
+    seen: list[int] = []
+
+    def record(ctx) -> None:
+        seen.append(ctx.state["prepared"])
+    run(FakeKit(), [sc("a", record), sc("b", record), sc("c", record)])
+    assert seen == [1, 2, 3]
 
 
 def test_guest_gone_fails_the_rest_at_once() -> None:
