@@ -1,5 +1,6 @@
-"""The `pyvmm` command line: `pyvmm run`, `pyvmm version`, `pyvmm trace summary` (in
-pyvmm/trace_summary.py), `pyvmm plot` (in pyvmm/plot.py).
+"""The `pyvmm` command line: `pyvmm run`, `pyvmm version`, and in their own modules
+`pyvmm check` (pyvmm/check/command.py), `pyvmm trace summary` (pyvmm/trace_summary.py) and
+`pyvmm plot` (pyvmm/plot.py).
 
 Every user error (a bad argument, a missing kernel, no /dev/kvm, too much memory) ends in
 one line on stderr and exit status 2, never a traceback.
@@ -94,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="print the version")
     trace_summary.add_subcommand(sub)
     from pyvmm import plot
+    from pyvmm.check.command import add_parser as add_check_parser
 
     plot.add_parser(sub)
+    add_check_parser(sub)
     return p
 
 
