@@ -31,6 +31,7 @@ from devices.pvpanic import PVPANIC_ACPI_HID, PVPANIC_PORT, PvPanic
 from devices.serial import Serial16550
 from firmware import aml
 from firmware.acpi import AcpiConfig, AcpiDevice, MemoryAffinity, build_acpi
+from firmware.mptable import build_mptable
 from vmm import assist as assist_mod
 from vmm import cpuid
 from vmm import kvm_abi as abi
@@ -235,16 +236,18 @@ class Machine:
         out = cfg.console_output or _stdout_writer()
         self.serial0 = Serial16550(KvmIrqLine(self.vm, COM1_IRQ), out, name="ttyS0")
         self.pio.register(COM1_PORT, UART_PORTS, self.serial0, "ttyS0")
+        # ttyS1 exists only when something listens on it: Linux probes every UART it finds,
+        # which costs about a second of interpreted kernel code on a PVM host, and the default
+        # /init starts the agent only when ttyS1 has a UART behind it.
         self.serial1_port = None
+        self.serial1: Serial16550 | None = None
         if cfg.serial1:
             from devices.console import UnixSocketPort
 
             self.serial1_port = UnixSocketPort(cfg.serial1)
             self.serial1 = Serial16550(KvmIrqLine(self.vm, COM2_IRQ), self.serial1_port.write, name="ttyS1")
             self.serial1_port.start(self.serial1.feed)
-        else:
-            self.serial1 = Serial16550(KvmIrqLine(self.vm, COM2_IRQ), lambda data: None, name="ttyS1")
-        self.pio.register(COM2_PORT, UART_PORTS, self.serial1, "ttyS1")
+            self.pio.register(COM2_PORT, UART_PORTS, self.serial1, "ttyS1")
         self.acpi_pm = AcpiPmRegisters(on_poweroff=lambda: self.request("poweroff", "guest"),
                                        on_reset=lambda: self.request("reset", "guest"))
         self.pio.register(ACPI_PM_PORT, AcpiPmRegisters.SIZE, self.acpi_pm, "acpi-pm")
@@ -256,13 +259,15 @@ class Machine:
             # A hardware-reduced ACPI guest sets up no legacy PIC, so Linux maps ISA IRQs only
             # for devices the DSDT describes: the UARTs must be listed with their interrupts.
             AcpiDevice(name="COM1", hid=UART_ACPI_HID, uid=1, io=[(COM1_PORT, UART_PORTS)], irqs=[COM1_IRQ]),
-            AcpiDevice(name="COM2", hid=UART_ACPI_HID, uid=2, io=[(COM2_PORT, UART_PORTS)], irqs=[COM2_IRQ]),
             AcpiDevice(name="PEVT", hid=PVPANIC_ACPI_HID, io=[(PVPANIC_PORT, 1)]),
             AcpiDevice(name="PWRB", hid=POWER_BUTTON_HID),
             # One event: every GED interrupt is a power-button press.
             AcpiDevice(name="GED0", hid=GED_HID, irqs=[GED_GSI], extra=[
                 aml.Method("_EVT", [aml.Notify("\\_SB_.PWRB", ACPI_NOTIFY_BUTTON_PRESSED)], args=1)]),
         ]
+        if self.serial1 is not None:
+            self.acpi_devices.insert(1, AcpiDevice(name="COM2", hid=UART_ACPI_HID, uid=2,
+                                                   io=[(COM2_PORT, UART_PORTS)], irqs=[COM2_IRQ]))
 
     def _build_memory_devices(self) -> None:
         from devices.virtio.mem import VirtioMem
@@ -440,10 +445,13 @@ class Machine:
         if len(cmdline) > cpu_setup.CMDLINE_MAX:
             raise MachineError(f"kernel command line is too long ({len(cmdline)} bytes)")
         write(cpu_setup.CMDLINE_ADDR, cmdline)
-        acpi = build_acpi(AcpiConfig(cpus=cfg.cpus, devices=self.acpi_devices + self.virtio.acpi_devices(),
-                                     memory_affinity=self._memory_affinity()),
-                          ACPI_TABLES_ADDR)
+        acpi_config = AcpiConfig(cpus=cfg.cpus, devices=self.acpi_devices + self.virtio.acpi_devices(),
+                                 memory_affinity=self._memory_affinity())
+        acpi = build_acpi(acpi_config, ACPI_TABLES_ADDR)
         write(ACPI_TABLES_ADDR, acpi.blob)
+        # In the EBDA's kilobyte, the second place Linux looks for it (reserved in the e820).
+        write(EBDA_START, build_mptable(EBDA_START, cfg.cpus, acpi_config.ioapic_id, acpi_config.ioapic_addr,
+                                        acpi_config.lapic_addr))
         e820 = [E820Entry(0, EBDA_START, E820_RAM),
                 E820Entry(EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED),
                 E820Entry(HIGH_MEMORY, low_end - HIGH_MEMORY, E820_RAM)]
@@ -538,7 +546,8 @@ class Machine:
         for state in self._irqchip_initial:
             self.vm.set_irqchip(state)
         self.serial0.reset()
-        self.serial1.reset()
+        if self.serial1 is not None:
+            self.serial1.reset()
         self.virtio.reset()
         for dev in self.virtio_mem.values():
             dev.system_reset()  # a machine reset unplugs everything (a device reset must not)
