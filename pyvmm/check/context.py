@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from pyvmm.check import waits
+from pyvmm.check.waits import mib
 from pyvmm.check.outcomes import CheckFailed, GuestGone
 
 T = TypeVar("T")
@@ -94,6 +95,25 @@ class Context:
         if status != 0 or len(fields) != 2 or fields[0] != "MemTotal:" or not fields[1].isdigit():
             raise CheckFailed(f"cannot read MemTotal from /proc/meminfo: status {status}, {out.strip()[:200]!r}")
         return int(fields[1]) * KIB
+
+    # The kit's baseline MemTotal and its default wait for MemTotal to move (host figures).
+    base_memtotal: int
+    MEMTOTAL_WAIT_S: float = waits.PLUG_BASE_S
+
+    def wait_memtotal(self, delta: int, timeout: float | None = None) -> int:
+        """Wait until the guest's MemTotal is `base_memtotal` + `delta`; returns it."""
+        want = self.base_memtotal + delta
+        last: dict[str, int] = {}
+
+        def reached() -> bool:
+            last["v"] = self.memtotal()
+            return last["v"] == want
+        self.wait_until(reached, timeout or self.timeout(self.MEMTOTAL_WAIT_S),
+                        f"MemTotal = boot MemTotal {delta:+d} bytes ({mib(abs(delta))})",
+                        seen=lambda: f"MemTotal = boot MemTotal {last['v'] - self.base_memtotal:+d} bytes",
+                        interval=1.0)
+        self.log(f"MemTotal = boot {'+' if delta >= 0 else '-'} {mib(abs(delta))}")
+        return want
 
     def vm_stats(self) -> dict:
         return self.qmp.execute("query-vm-stats")

@@ -28,6 +28,8 @@ class HvBalloonContext(Context):
     """Helpers for the hv-balloon scenarios. `boot_size` is the guest's boot RAM, the size
     `actual` starts at; `base_memtotal` is MemTotal then."""
 
+    MEMTOTAL_WAIT_S = waits.BALLOON_BASE_S
+
     boot_size = BOOT_MEMORY
     hot_add_size = HOT_ADD_SIZE
 
@@ -87,20 +89,6 @@ class HvBalloonContext(Context):
         self.wait_actual(size)
         if memtotal_delta is not None:
             self.wait_memtotal(memtotal_delta)
-
-    def wait_memtotal(self, delta: int, timeout: float | None = None) -> int:
-        want = self.base_memtotal + delta
-        last = {}
-
-        def reached() -> bool:
-            last["v"] = self.memtotal()
-            return last["v"] == want
-        self.wait_until(reached, timeout or self.timeout(waits.BALLOON_BASE_S),
-                        f"MemTotal = boot MemTotal {delta:+d} bytes ({mib(abs(delta))})",
-                        seen=lambda: f"MemTotal = boot MemTotal {last['v'] - self.base_memtotal:+d} bytes",
-                        interval=1.0)
-        self.log(f"MemTotal = boot {'+' if delta >= 0 else '-'} {mib(abs(delta))}")
-        return want
 
     def expect_no_bad_ranges(self) -> None:
         c = self.counters()

@@ -72,21 +72,6 @@ class VirtioMemContext(Context):
                         seen=lambda: f"{mib(self.plugged)} plugged")
         self.log(f"plugged = {mib(size)}")
 
-    def wait_memtotal(self, delta: int, timeout: float | None = None) -> int:
-        """Wait until the guest's MemTotal is the baseline + `delta`; returns MemTotal."""
-        want = self.base_memtotal + delta
-        last = {}
-
-        def reached() -> bool:
-            last["v"] = self.memtotal()
-            return last["v"] == want
-        self.wait_until(reached, timeout or self.timeout(waits.PLUG_BASE_S),
-                        f"MemTotal = boot MemTotal + {mib(delta)} ({want} bytes)",
-                        seen=lambda: f"MemTotal = boot MemTotal + {mib(last['v'] - self.base_memtotal)}",
-                        interval=1.0)
-        self.log(f"MemTotal = boot + {mib(delta)}")
-        return want
-
     def plug(self, size: int, memtotal: bool = True) -> None:
         """Request `size`, wait for the device to report it plugged and (by default) for the
         guest's MemTotal to agree."""
