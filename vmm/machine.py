@@ -49,7 +49,7 @@ from vmm.msr import MsrDispatch, MsrFault, deny_filter_range
 from vmm.symbols import Symbols
 from vmm.tracing import NULL_TRACER, AnyTracer
 from vmm.virtio_placement import PlacementError, VirtioPlacement
-from vmm.vcpu import KICK_SIGNAL, Vcpu
+from vmm.vcpu import KICK_SIGNAL, FaultAction, Vcpu
 
 log = logging.getLogger("pyvmm.machine")
 
@@ -603,15 +603,22 @@ class Machine:
     def vcpu_fatal(self, vcpu: Vcpu, reason: str) -> None:
         self.request("fatal", reason)
 
-    def vcpu_memory_fault(self, vcpu: Vcpu, gpa: int, size: int) -> bool:
-        """A guest access KVM could not back with host memory. True if a memory device owns it:
-        the access hit an unplugged block, which is reported, and the VM is stopped (resuming
-        would only fault again)."""
+    def vcpu_memory_fault(self, vcpu: Vcpu, gpa: int, size: int) -> FaultAction:
+        """A guest access KVM could not back with host memory, in a virtio-mem region: an
+        unplugged block is reported and the VM stopped (resuming would only fault again); a
+        plugged block raced with its PLUG's host work, now done, and the access is retried."""
         for dev in self.virtio_mem.values():
+            if not dev.region_contains(gpa):
+                continue
             if dev.on_unplugged_access(gpa, "fault") is not None:
                 self.request("stop", f"vCPU {vcpu.index} touched unplugged memory at {gpa:#x}")
-                return True
-        return False
+                return FaultAction.STOP
+            if dev.settle_fault(gpa):
+                return FaultAction.RETRY
+            self.request("stop", f"vCPU {vcpu.index} touched plugged memory at {gpa:#x} that the host "
+                         "could not make accessible")
+            return FaultAction.STOP
+        return FaultAction.UNHANDLED
 
     def vcpu_msr_exit(self, vcpu: Vcpu, is_write: bool) -> None:
         msr = vcpu.fd.run_ptr.msr

@@ -79,10 +79,19 @@ class GuestMemory:
         hv-balloon hot-add) may be made inaccessible at any time. Devices cache such views
         for structures they touch on every request, such as virtqueue rings.
         """
-        ms = self.slots.lookup(gpa)
-        if ms is None or ms.owner != STABLE_OWNER or size < 0 or gpa + size > ms.end:
+        region = self.stable_region(gpa)
+        if region is None or size < 0 or gpa + size > region[0] + len(region[1]):
             return None
-        return ms.mapping.view(ms.offset + (gpa - ms.gpa), size)
+        start = gpa - region[0]
+        return region[1][start:start + size]
+
+    def stable_region(self, gpa: int) -> tuple[int, memoryview] | None:
+        """(first guest-physical address, view) of the whole boot-RAM memslot holding `gpa`,
+        or None if `gpa` is not boot RAM. Same lifetime guarantee as `stable_view`."""
+        ms = self.slots.lookup(gpa)
+        if ms is None or ms.owner != STABLE_OWNER:
+            return None
+        return ms.gpa, ms.mapping.view(ms.offset, ms.size)
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")

@@ -7,6 +7,7 @@ a plain list indexed by exit reason. Anything the loop cannot handle itself goes
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -25,6 +26,16 @@ log = logging.getLogger("pyvmm.vcpu")
 
 KICK_SIGNAL = signal.SIGUSR1
 MAX_EXIT_REASON = 64
+# A memory fault the host settled resolves on the next KVM_RUN; the same address faulting
+# this many times in a row means it never will, and KVM_RUN's EFAULT becomes fatal.
+MAX_FAULT_RETRIES = 1000
+
+
+class FaultAction(enum.Enum):
+    """What the machine made of a memory fault (`VcpuHost.vcpu_memory_fault`)."""
+    UNHANDLED = "unhandled"  # no device owns the address: KVM_RUN's EFAULT is fatal
+    RETRY = "retry"          # the owner made the memory accessible: run the vCPU again
+    STOP = "stop"            # reported, and the VM is stopping: park this vCPU
 
 _thread_vcpu = threading.local()
 
@@ -46,7 +57,7 @@ class VcpuHost(Protocol):
     def vcpu_emulation_failure(self, vcpu: "Vcpu") -> bool: ...  # True: handled, keep running
     def vcpu_msr_exit(self, vcpu: "Vcpu", is_write: bool) -> None: ...
     def vcpu_fatal(self, vcpu: "Vcpu", reason: str) -> None: ...
-    def vcpu_memory_fault(self, vcpu: "Vcpu", gpa: int, size: int) -> bool: ...
+    def vcpu_memory_fault(self, vcpu: "Vcpu", gpa: int, size: int) -> FaultAction: ...
     def vcpu_request(self, vcpu: "Vcpu", what: str) -> None: ...  # "reset", "poweroff", "crash"
 
 
@@ -65,6 +76,8 @@ class Vcpu:
         self._paused = threading.Event()   # set while the loop is parked
         self._pause_requested = False
         self._resume = threading.Condition()
+        self._fault_gpa = -1      # the last memory fault settled with a retry, and how often in a row
+        self._fault_retries = 0
 
     # --- control (from other threads) ---
     def start(self) -> None:
@@ -201,7 +214,13 @@ class Vcpu:
         if run.exit_reason != abi.KVM_EXIT_MEMORY_FAULT:
             return False
         self.exit_counts[abi.KVM_EXIT_MEMORY_FAULT] += 1
-        if self.host.vcpu_memory_fault(self, run.memory_fault.gpa, run.memory_fault.size):
+        gpa = run.memory_fault.gpa
+        action = self.host.vcpu_memory_fault(self, gpa, run.memory_fault.size)
+        if action is FaultAction.RETRY:
+            retries = self._fault_retries + 1 if gpa == self._fault_gpa else 1
+            self._fault_gpa, self._fault_retries = gpa, retries
+            return retries <= MAX_FAULT_RETRIES
+        if action is FaultAction.STOP:
             self._pause_requested = True  # park until the machine resumes us
             return True
         return False

@@ -7,10 +7,12 @@ hw/virtio/virtio-mem.c: bad ranges get ERROR, a PLUG beyond `requested_size` get
 failures get BUSY (Linux retries those later), and a malformed request (too short, no room
 for the response) fails the device through the transport.
 
-Host side, the invariant is: a block's host pages are accessible exactly while it is
-plugged. Unplugged blocks are discarded (MADV_DONTNEED / punch hole) and PROT_NONE; a KVM
-memslot covers a slot of the region only while one of its blocks is plugged
-(`mem_slots.SlotMap`). Guest accesses to unplugged memory land in `on_unplugged_access`:
+Host side, the invariant is: whenever the device lock is free, a block's host pages are
+accessible exactly while it is plugged. Unplugged blocks are discarded (MADV_DONTNEED /
+punch hole) and PROT_NONE; a KVM memslot covers a slot of the region only while one of its
+blocks is plugged (`mem_slots.SlotMap`). Requests are answered from the bitmap alone and
+that host work follows the answer, under the same lock hold, so the guest waits for none of
+it (`queue_notify`). Guest accesses to unplugged memory land in `on_unplugged_access`:
 through the MMIO trap (`trap`, registered over the whole region) for unmapped slots, and
 through the machine's EFAULT / KVM_EXIT_MEMORY_FAULT path for PROT_NONE blocks inside a
 mapped slot. Device DMA into unplugged blocks is refused with `GuestMemoryError` by the
@@ -25,7 +27,6 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Callable
 
 from bitarray import bitarray
@@ -69,6 +70,7 @@ REQ_NAMES = {VIRTIO_MEM_REQ_PLUG: "plug", VIRTIO_MEM_REQ_UNPLUG: "unplug",
              VIRTIO_MEM_REQ_UNPLUG_ALL: "unplug-all", VIRTIO_MEM_REQ_STATE: "state"}
 RESP_NAMES = {VIRTIO_MEM_RESP_ACK: "ack", VIRTIO_MEM_RESP_NACK: "nack",
               VIRTIO_MEM_RESP_BUSY: "busy", VIRTIO_MEM_RESP_ERROR: "error"}
+UNKNOWN_REQ = len(REQ_NAMES)  # where answers to unknown request types are counted
 STATE_NAMES = {VIRTIO_MEM_STATE_PLUGGED: "plugged", VIRTIO_MEM_STATE_UNPLUGGED: "unplugged",
                VIRTIO_MEM_STATE_MIXED: "mixed"}
 
@@ -109,25 +111,6 @@ def _percentile_us(samples: deque[int], q: float) -> float:
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-@dataclass(frozen=True)
-class _Release:
-    """Unplugged memory still to protect and give back to the host, and the slots the
-    unplug emptied (work left for after the answer)."""
-    offset: int
-    size: int
-    emptied_slots: list[int]
-
-
-@dataclass(frozen=True)
-class _MapSlots:
-    """Plugged blocks whose memslots are still to be registered (work left for after the answer)."""
-    first_block: int
-    nb_blocks: int
-
-
-_AfterAnswer = _Release | _MapSlots
 
 
 class _RegionMapping(HostMapping):
@@ -242,6 +225,12 @@ class VirtioMem(VirtioDevice):
         self._nb_blocks = region_size // block_size
         self._bitmap = bitarray(self._nb_blocks)
         self._bitmap.setall(0)
+        # Plugged blocks whose pages the host refused to make accessible after their PLUG was
+        # answered (mprotect fails at vm.max_map_count): nothing may touch them until a retry
+        # succeeds (`_make_accessible`). Normally all clear, which the flag says cheaply.
+        self._inaccessible = bitarray(self._nb_blocks)
+        self._inaccessible.setall(0)
+        self._any_inaccessible = False
         self._plugged_size = 0
         self._requested_size = requested_size
         self._usable_region_size = self._usable_for(requested_size)
@@ -261,7 +250,8 @@ class VirtioMem(VirtioDevice):
         self._mem: GuestMemory | None = None
         self._transport: TransportCallbacks | None = None
 
-        self._requests: Counter[tuple[str, str]] = Counter()
+        # Answers by request type (index 4: unknown types) and response type.
+        self._answers = [[0] * len(RESP_NAMES) for _ in range(UNKNOWN_REQ + 1)]
         self._malformed = 0
         # Host-side time per answered request: from the notify (or the previous answer in the
         # same batch) to its used-ring entry. Includes slot mapping and discards.
@@ -269,7 +259,10 @@ class VirtioMem(VirtioDevice):
         self._request_ns_max = 0
         self._requests_timed = 0
         self._request_ns_recent: deque[int] = deque(maxlen=REQUEST_TIMES_KEPT)
-        # Host work left for after the answers (slot registration, protect, discard, slot removal).
+        # Host work left for after the answers, in request order: (request type, first block,
+        # blocks, plugged size after the request). Only ever non-empty while the lock is held.
+        self._deferred: list[tuple[int, int, int, int]] = []
+        self._events: list[dict] = []  # size changes not yet given to the listener
         self._after_ns_total = 0
         self._after_batches = 0
         self._config_writes = 0
@@ -331,102 +324,128 @@ class VirtioMem(VirtioDevice):
 
     def queue_notify(self, index: int) -> None:
         """Answer every available request. A malformed chain stops the queue: a
-        `VirtqueueError` goes to the transport, a protocol violation to `transport.fail`."""
+        `VirtqueueError` goes to the transport, a protocol violation to `transport.fail`.
+
+        The device lock is held until the host work the answers left behind is done, so
+        everything else that touches the region (the vCPUs' traps and faults, device DMA, the
+        control plane) finds the host protections matching the bitmap.
+        """
         queue, mem, transport = self._queue, self._mem, self._transport
         if index != 0 or queue is None or mem is None or transport is None:
             return
         answered = False
-        events: list[dict] = []
-        deferred: list[_AfterAnswer] = []
-        started = time.perf_counter_ns()
+        times: list[int] = []
         try:
-            while True:
-                chain = queue.pop()
-                if chain is None:
-                    break
-                violation = self._serve(chain, mem, events, deferred)
-                if violation is not None:
-                    # As QEMU: the chain is not returned, the device needs a reset.
-                    with self._lock:
-                        self._malformed += 1
+            with self._lock:
+                started = time.perf_counter_ns()
+                try:
+                    while True:
+                        pair = queue.pop_pair()
+                        if pair is not None:  # Linux's request: decoded in place, in boot RAM
+                            head, request, response = pair
+                            if len(request) >= VIRTIO_MEM_REQ_SIZE and len(response) >= VIRTIO_MEM_RESP_SIZE:
+                                resp, state = self._answer(*REQ_FORMAT.unpack_from(request))
+                                RESP_FORMAT.pack_into(response, 0, resp, state)
+                                violation = None
+                            else:
+                                violation = self._short_chain(len(request), len(response))
+                        else:
+                            chain = queue.pop()
+                            if chain is None:
+                                break
+                            head = chain.head
+                            violation = self._serve(chain, mem)
+                        if violation is not None:
+                            # As QEMU: the chain is not returned, the device needs a reset.
+                            self._malformed += 1
+                            self._queue = None
+                            transport.fail(violation)
+                            break
+                        queue.push_used(head, VIRTIO_MEM_RESP_SIZE)
+                        answered = True
+                        now = time.perf_counter_ns()
+                        times.append(now - started)
+                        started = now
+                except VirtqueueError:
+                    self._malformed += 1
                     self._queue = None
-                    transport.fail(violation)
-                    break
-                queue.push(chain, VIRTIO_MEM_RESP_SIZE)
-                answered = True
-                now = time.perf_counter_ns()
-                self._time_request(now - started)
-                started = now
-        except VirtqueueError:
-            with self._lock:
-                self._malformed += 1
-            self._queue = None
-            raise  # the transport stops the queue, sets NEEDS_RESET and counts the reason
-        except Exception as e:  # a bug here must not take the event loop down
-            log.exception("virtio-mem %s: internal error while handling requests", self.id)
-            with self._lock:
-                self._internal_errors += 1
-            self._queue = None
-            transport.fail(f"virtio-mem-internal: {type(e).__name__}: {e}")
+                    raise  # the transport stops the queue, sets NEEDS_RESET and counts the reason
+                except Exception as e:  # a bug here must not take the event loop down
+                    log.exception("virtio-mem %s: internal error while handling requests", self.id)
+                    self._internal_errors += 1
+                    self._queue = None
+                    transport.fail(f"virtio-mem-internal: {type(e).__name__}: {e}")
+                finally:
+                    if answered:
+                        transport.signal_used(0)
+                    self._run_deferred()
+                    self._record_times(times)
         finally:
-            if answered:
-                transport.signal_used(0)
-            self._after_answer(deferred)
-            self._fire_size_changes(events)
+            self._fire_size_changes()
 
     # ------------------------------------------------------------------ request path
-    def _serve(self, chain: DescriptorChain, mem: GuestMemory, events: list[dict],
-               deferred: list[_AfterAnswer]) -> str | None:
-        """Answer one request in place. Returns a reason if the chain violates the protocol."""
+    def _short_chain(self, readable: int, writable: int) -> str | None:
+        """The protocol violation of a chain too short for a request or its response, if any."""
+        if readable < VIRTIO_MEM_REQ_SIZE:
+            return f"virtio-mem-bad-request: request of {readable} bytes, expected {VIRTIO_MEM_REQ_SIZE}"
+        if writable < VIRTIO_MEM_RESP_SIZE:
+            return f"virtio-mem-bad-request: {writable} bytes for the response, need {VIRTIO_MEM_RESP_SIZE}"
+        return None
+
+    def _serve(self, chain: DescriptorChain, mem: GuestMemory) -> str | None:
+        """Answer a chain of any other shape (lock held). Returns a reason if it violates the protocol."""
+        # Its buffers may lie in this region: settle earlier answers first, so the blocks they
+        # plugged are accessible (and unplugged ones are not) before reading or writing them.
+        self._run_deferred()
         raw = chain.read_all(mem)  # bounded by max_chain_bytes; VirtqueueError if unbacked
-        if len(raw) < VIRTIO_MEM_REQ_SIZE:
-            return (f"virtio-mem-bad-request: request of {len(raw)} bytes, "
-                    f"expected {VIRTIO_MEM_REQ_SIZE}")
-        if chain.writable_len < VIRTIO_MEM_RESP_SIZE:
-            return (f"virtio-mem-bad-request: {chain.writable_len} bytes for the response, "
-                    f"need {VIRTIO_MEM_RESP_SIZE}")
+        violation = self._short_chain(len(raw), chain.writable_len)
+        if violation is not None:
+            return violation
         # Only the type and the request-specific data count; padding is ignored (spec).
-        req_type, addr, nb_blocks = REQ_FORMAT.unpack_from(raw)
-        resp, state = self.handle_request(req_type, addr, nb_blocks, events, deferred)
+        resp, state = self._answer(*REQ_FORMAT.unpack_from(raw))
         chain.write(mem, RESP_FORMAT.pack(resp, state))
         return None
 
-    def handle_request(self, req_type: int, addr: int, nb_blocks: int, events: list[dict] | None = None,
-                       deferred: list[_AfterAnswer] | None = None) -> tuple[int, int]:
-        """Process one decoded request; returns (response type, state). Counted by type/answer.
+    def handle_request(self, req_type: int, addr: int, nb_blocks: int) -> tuple[int, int]:
+        """Process one decoded request and its host work; returns (response type, state)."""
+        try:
+            with self._lock:
+                resp_state = self._answer(req_type, addr, nb_blocks)
+                self._run_deferred()
+        finally:
+            self._fire_size_changes()
+        return resp_state
 
-        Size-change events are appended to `events` (fired by the caller after the lock is
-        released); without a list they are fired here. With `deferred`, the slow host work
-        (registering a PLUG's memslots; protecting and discarding an UNPLUG's memory and
-        removing the slots it emptied) is left to the caller's `_after_answer`, run once
-        the answer is in the used ring; without it, that work happens here.
+    def _answer(self, req_type: int, addr: int, nb_blocks: int) -> tuple[int, int]:
+        """Answer one request (lock held); the host work it needs goes to `_deferred`.
+
+        This is the part the guest waits for, so it only checks the request against the
+        bitmap and updates it: making memory accessible or not, discarding it and
+        (un)registering memslots follow the answer, in `_run_deferred`.
         """
-        own_events = events is None
-        events = [] if own_events else events
         tracer = self.tracer
         if tracer.enabled:
-            started = time.perf_counter_ns()
+            started, size_before = time.perf_counter_ns(), self._plugged_size
             tracer.emit("virtio-mem.request", id=self.id, type=REQ_NAMES.get(req_type, "unknown"), addr=addr,
                         nb_blocks=nb_blocks)
-        with self._lock:
-            state = 0
-            if req_type == VIRTIO_MEM_REQ_PLUG:
-                resp = self._plug(addr, nb_blocks, events, deferred)
-            elif req_type == VIRTIO_MEM_REQ_UNPLUG:
-                resp = self._unplug(addr, nb_blocks, events, deferred)
-            elif req_type == VIRTIO_MEM_REQ_UNPLUG_ALL:
-                resp = self._unplug_all(events)
-            elif req_type == VIRTIO_MEM_REQ_STATE:
-                resp, state = self._state(addr, nb_blocks)
-            else:
-                # QEMU treats an unknown type as a protocol violation and breaks the device;
-                # the spec is silent. ERROR ("error in request") keeps the device usable.
-                resp = VIRTIO_MEM_RESP_ERROR
-            self._requests[(REQ_NAMES.get(req_type, "unknown"), RESP_NAMES[resp])] += 1
+        state = 0  # only a STATE answer fills the state field
+        if req_type == VIRTIO_MEM_REQ_PLUG:
+            resp = self._plug(addr, nb_blocks)
+        elif req_type == VIRTIO_MEM_REQ_UNPLUG:
+            resp = self._unplug(addr, nb_blocks)
+        elif req_type == VIRTIO_MEM_REQ_UNPLUG_ALL:
+            resp = self._unplug_all()
+        elif req_type == VIRTIO_MEM_REQ_STATE:
+            resp, state = self._state(addr, nb_blocks)
+        else:
+            # QEMU treats an unknown type as a protocol violation and breaks the device;
+            # the spec is silent. ERROR ("error in request") keeps the device usable.
+            resp = VIRTIO_MEM_RESP_ERROR
+        self._answers[req_type if req_type < UNKNOWN_REQ else UNKNOWN_REQ][resp] += 1
         if tracer.enabled:
+            if self._plugged_size != size_before:  # the moment the size changed, for the trace
+                tracer.emit("virtio-mem.size", id=self.id, size=self._plugged_size)
             self._trace_response(req_type, addr, nb_blocks, resp, state, time.perf_counter_ns() - started)
-        if own_events:
-            self._fire_size_changes(events)
         return resp, state
 
     def _valid_range(self, addr: int, size: int) -> bool:
@@ -435,119 +454,150 @@ class VirtioMem(VirtioDevice):
             return False
         return self.addr <= addr and addr + size <= self.addr + self._usable_region_size
 
-    def _plug(self, addr: int, nb_blocks: int, events: list[dict], deferred: list[_AfterAnswer] | None) -> int:
+    def _plug(self, addr: int, nb_blocks: int) -> int:
         size = nb_blocks * self.block_size
         if not self._valid_range(addr, size):
             return VIRTIO_MEM_RESP_ERROR
         if self._plugged_size + size > self._requested_size:
             return VIRTIO_MEM_RESP_NACK
         first = (addr - self.addr) // self.block_size
-        if self._bitmap.any() and self._bitmap.count(1, first, first + nb_blocks):
+        if self._bitmap.count(1, first, first + nb_blocks):
             return VIRTIO_MEM_RESP_ERROR
-        offset = addr - self.addr
-        try:
-            self.mapping.protect(offset, size, True)
-        except HostMemoryError as e:
-            self._protect_failures += 1
-            self._warn_once("plug-protect", f"cannot make {format_size(size)} accessible for a plug: {e}")
-            return VIRTIO_MEM_RESP_BUSY
-        try:
-            if self.prealloc:
+        if self.prealloc:
+            # prealloc=on promises the memory exists before the guest is told so: a host
+            # that cannot provide it answers BUSY (Linux retries later), as QEMU does.
+            offset = addr - self.addr
+            try:
+                self.mapping.protect(offset, size, True)
                 self.mapping.populate(offset, size)
-            if deferred is None:
-                self.slots.map_for_plug(first, nb_blocks)
-        except (HostMemoryError, MemslotError, OSError) as e:
-            self._warn_once("plug", f"plug of {format_size(size)} at {addr:#x} failed, answering BUSY: {e}")
-            self._make_inaccessible(offset, size)
-            return VIRTIO_MEM_RESP_BUSY
+            except HostMemoryError as e:
+                self._protect_failures += 1
+                self._warn_once("plug-prealloc", f"cannot preallocate {format_size(size)} at {addr:#x}, "
+                                f"answering BUSY: {e}")
+                self._release_runs(first, nb_blocks)
+                return VIRTIO_MEM_RESP_BUSY
         self._bitmap[first:first + nb_blocks] = 1
-        self.slots.account_plug(first, nb_blocks)
         self._plugged_size += size
-        events.append(self._size_event())
-        if deferred is not None:
-            # Registering a slot waits for every vCPU to leave the guest (KVM synchronizes
-            # SRCU): hundreds of µs to ms with a running guest, so it follows the answer.
-            # The pages are already accessible: until the slot lands, a guest access exits
-            # to the region's MMIO trap, which serves plugged blocks from the same memory.
-            deferred.append(_MapSlots(first, nb_blocks))
+        self._deferred.append((VIRTIO_MEM_REQ_PLUG, first, nb_blocks, self._plugged_size))
         return VIRTIO_MEM_RESP_ACK
 
-    def _unplug(self, addr: int, nb_blocks: int, events: list[dict], deferred: list[_AfterAnswer] | None) -> int:
+    def _unplug(self, addr: int, nb_blocks: int) -> int:
         size = nb_blocks * self.block_size
         if not self._valid_range(addr, size):
             return VIRTIO_MEM_RESP_ERROR
         first = (addr - self.addr) // self.block_size
         if self._bitmap.count(1, first, first + nb_blocks) != nb_blocks:
             return VIRTIO_MEM_RESP_ERROR
-        offset = addr - self.addr
         self._bitmap[first:first + nb_blocks] = 0
         self._plugged_size -= size
-        release = _Release(offset, size, self.slots.count_unplug(first, nb_blocks))
-        events.append(self._size_event())
-        if deferred is None:
-            self._release_locked(release)
-        else:
-            # The driver offlined and removed this memory before asking, so nothing it
-            # legitimately does touches it now: protecting (which makes KVM zap its mappings),
-            # discarding up to a memslot's worth of pages and removing emptied slots can all
-            # wait until the answer is out.
-            deferred.append(release)
+        self._deferred.append((VIRTIO_MEM_REQ_UNPLUG, first, nb_blocks, self._plugged_size))
         return VIRTIO_MEM_RESP_ACK
 
-    def _after_answer(self, deferred: list[_AfterAnswer]) -> None:
-        """Run the host work the answered requests left behind, in request order."""
-        if not deferred:
+    def _run_deferred(self) -> None:
+        """Do the host work of the answered requests, in request order (lock held).
+
+        Each step looks at the bitmap as the whole batch left it, so a block plugged and
+        unplugged again in one batch ends up protected and discarded, and vice versa.
+        """
+        work, self._deferred = self._deferred, []
+        if not work:
             return
         started = time.perf_counter_ns()
-        with self._lock:
-            for work in deferred:
-                if isinstance(work, _MapSlots):
-                    self._map_slots_locked(work)
-                else:
-                    self._release_locked(work)
-            self._after_ns_total += time.perf_counter_ns() - started
-            self._after_batches += 1
+        for req_type, first, nb_blocks, size_after in work:
+            self._events.append(self._size_event(size_after))
+            if req_type == VIRTIO_MEM_REQ_PLUG:
+                self._settle_plug(first, nb_blocks)
+            else:
+                self._settle_unplug(first, nb_blocks)
+        self._after_ns_total += time.perf_counter_ns() - started
+        self._after_batches += 1
 
-    def _map_slots_locked(self, work: _MapSlots) -> None:
-        """Register the slots of blocks plugged (and already answered). A refusal is counted;
-        the blocks stay plugged and are served through the MMIO trap, slowly but correctly."""
+    def _settle_plug(self, first: int, nb_blocks: int) -> None:
+        """Make answered PLUG blocks accessible and register their memslots.
+
+        Until then a guest access to them waits on the device lock: in the region's MMIO trap
+        (slot not registered yet) or in `settle_fault` (slot registered, pages still PROT_NONE).
+        Registering a slot waits for every vCPU to leave the guest (KVM synchronizes SRCU),
+        hundreds of µs to ms with a running guest, which is why none of this precedes the answer.
+        """
+        self.slots.account_plug(first, nb_blocks)
+        for value, start, stop in intervals(self._bitmap[first:first + nb_blocks]):
+            if value:  # still plugged (a later request of the batch may have unplugged some)
+                self._make_accessible(first + start, stop - start)
         try:
-            # Only slots still holding plugged blocks: a later request in the batch may
-            # have unplugged them again.
-            self.slots.map_for_plug(work.first_block, work.nb_blocks, in_use_only=True)
+            # Only slots still holding plugged blocks, for the same reason.
+            self.slots.map_for_plug(first, nb_blocks, in_use_only=True)
         except (MemslotError, OSError) as e:
+            # The blocks stay plugged and the MMIO trap serves them, slowly but correctly.
             self._warn_once("plug-slot", f"cannot register a memslot for plugged memory; the guest's "
                             f"accesses to it are emulated (slow): {e}")
 
-    def _release_locked(self, release: _Release) -> None:
-        """Protect and discard what of an unplugged range is still unplugged (a later request
-        in the same batch may have plugged part of it again), then drop the slots it emptied
-        (KVM deletes an emptied slot ~4x faster). Failures only lose the trap or keep the
+    def _settle_unplug(self, first: int, nb_blocks: int) -> None:
+        """Protect and discard answered UNPLUG blocks, then drop the slots the UNPLUG emptied.
+
+        The driver offlined and removed this memory before asking, so nothing it
+        legitimately does touches it in between.
+        """
+        emptied = self.slots.count_unplug(first, nb_blocks)
+        self._release_runs(first, nb_blocks)
+        self.slots.unmap_unused(emptied)  # KVM deletes an emptied slot ~4x faster
+
+    def _make_accessible(self, first: int, nb_blocks: int) -> bool:
+        """Open plugged blocks to the guest and the VMM (PROT_READ|WRITE). A refusal is counted
+        and the blocks are marked inaccessible: their PLUG is answered already, so a guest
+        access to them stops the VM (`settle_fault`) and the VMM's own accesses are refused."""
+        bs = self.block_size
+        try:
+            self.mapping.protect(first * bs, nb_blocks * bs, True)
+        except HostMemoryError as e:
+            self._protect_failures += 1
+            self._inaccessible[first:first + nb_blocks] = 1
+            self._any_inaccessible = True
+            self._warn_once("protect-plugged", f"cannot make {format_size(nb_blocks * bs)} of plugged memory "
+                            f"accessible; a guest access to it stops the VM: {e}")
+            return False
+        if self._any_inaccessible:
+            self._forget_inaccessible(first, nb_blocks)
+        return True
+
+    def _forget_inaccessible(self, first: int, nb_blocks: int) -> None:
+        self._inaccessible[first:first + nb_blocks] = 0
+        self._any_inaccessible = self._inaccessible.any()
+
+    def _release_runs(self, first: int, nb_blocks: int) -> None:
+        """Protect and discard what of the blocks is unplugged (PROT_NONE first, so a misbehaving
+        guest cannot fault pages back in between). Failures only lose the trap or keep the
         pages on the host: counted and logged, the blocks are unplugged regardless."""
         bs = self.block_size
-        first = release.offset // bs
-        for value, start, stop in intervals(self._bitmap[first:first + release.size // bs]):
+        for value, start, stop in intervals(self._bitmap[first:first + nb_blocks]):
             if value:
                 continue
             offset, size = (first + start) * bs, (stop - start) * bs
-            self._try_protect(offset, size, False)
+            try:
+                self.mapping.protect(offset, size, False)
+            except HostMemoryError as e:
+                self._protect_failures += 1
+                self._warn_once("protect-unplugged", f"cannot mprotect {format_size(size)} of unplugged "
+                                f"memory; guest accesses to it go unnoticed: {e}")
             try:
                 self.mapping.discard(offset, size)
             except HostMemoryError as e:
                 self._discard_failures += 1
                 self._warn_once("discard", f"cannot discard unplugged memory (the host keeps it): {e}")
-        self.slots.unmap_unused(release.emptied_slots)
+            if self._any_inaccessible:
+                self._forget_inaccessible(first + start, stop - start)
 
-    def _unplug_all(self, events: list[dict]) -> int:
+    def _unplug_all(self) -> int:
+        self._run_deferred()  # earlier answers of the batch first: their work assumes their bitmap
         if self._plugged_size:
             bs = self.block_size
             plugged = [(start, stop) for value, start, stop in intervals(self._bitmap) if value]
             self._bitmap.setall(0)
             for start, stop in plugged:
-                self._make_inaccessible(start * bs, (stop - start) * bs)
+                self._release_runs(start, stop - start)
             self._plugged_size = 0
             self.slots.clear()
-            events.append(self._size_event())
+            self._events.append(self._size_event(0))
         # The only place, besides a system reset, where the usable region may shrink.
         self._usable_region_size = self._usable_for(self._requested_size)
         return VIRTIO_MEM_RESP_ACK
@@ -563,19 +613,6 @@ class VirtioMem(VirtioDevice):
         if plugged == 0:
             return VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_STATE_UNPLUGGED
         return VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_STATE_MIXED
-
-    def _make_inaccessible(self, offset: int, size: int) -> None:
-        """PROT_NONE, then give the pages back (protecting first stops a misbehaving guest
-        from faulting pages back in between), for blocks the bitmap already shows unplugged."""
-        self._release_locked(_Release(offset, size, []))
-
-    def _try_protect(self, offset: int, size: int, accessible: bool) -> None:
-        try:
-            self.mapping.protect(offset, size, accessible)
-        except HostMemoryError as e:
-            self._protect_failures += 1
-            self._warn_once(f"protect-{accessible}", f"cannot mprotect {format_size(size)} of the region "
-                            f"(accessible={accessible}): {e}")
 
     def _usable_for(self, requested: int) -> int:
         """QEMU's usable region: requested + 256 MiB, block aligned, capped by the region; 0 for 0."""
@@ -647,13 +684,17 @@ class VirtioMem(VirtioDevice):
     def stats(self) -> dict:
         with self._lock:
             requests: dict[str, dict[str, int]] = {}
-            for (kind, answer), n in sorted(self._requests.items()):
-                requests.setdefault(kind, {})[answer] = n
+            for req_type, row in enumerate(self._answers):
+                kind = REQ_NAMES.get(req_type, "unknown")
+                for resp, n in enumerate(row):
+                    if n:
+                        requests.setdefault(kind, {})[RESP_NAMES[resp]] = n
             return {"requests": requests, "malformed": self._malformed, "internal-errors": self._internal_errors,
                     "config-writes-ignored": self._config_writes,
                     "slot-adds": self.slots.stats.adds, "slot-removes": self.slots.stats.removes,
                     "slot-failures": self.slots.stats.failures, "slots-mapped": self.slots.mapped_count(),
                     "slot-size": self.slots.slot_size, "protect-failures": self._protect_failures,
+                    "plugged-inaccessible": self._inaccessible.count(1),
                     "discard-failures": self._discard_failures,
                     "unplugged-accesses": sum(self._unplugged_accesses.values()),
                     "unplugged-accesses-by-kind": dict(self._unplugged_accesses),
@@ -669,12 +710,13 @@ class VirtioMem(VirtioDevice):
                         "mean": round(self._after_ns_total / self._after_batches / 1000, 1)
                         if self._after_batches else 0.0}}
 
-    def _time_request(self, ns: int) -> None:
-        with self._lock:
-            self._requests_timed += 1
-            self._request_ns_total += ns
-            self._request_ns_max = max(self._request_ns_max, ns)
-            self._request_ns_recent.append(ns)
+    def _record_times(self, times: list[int]) -> None:
+        """Count the host time of answered requests (lock held)."""
+        if times:
+            self._requests_timed += len(times)
+            self._request_ns_total += sum(times)
+            self._request_ns_max = max(self._request_ns_max, *times)
+            self._request_ns_recent.extend(times)
 
     def system_reset(self) -> None:
         """Machine reset / reboot: unplug every block, drop every slot, discard the memory.
@@ -682,16 +724,24 @@ class VirtioMem(VirtioDevice):
         The usable region is recomputed from the (kept) requested size, as QEMU does, so the
         guest re-plugs after it boots.
         """
-        events: list[dict] = []
-        with self._lock:
-            if self.tracer.enabled:  # first, so the slot removals and size change below read as its doing
-                self.tracer.emit("virtio-mem.reset", id=self.id)
-            self._unplug_all(events)
-        self._fire_size_changes(events)
+        try:
+            with self._lock:
+                tracer = self.tracer
+                if tracer.enabled:  # first, so the slot removals and size change below read as its doing
+                    tracer.emit("virtio-mem.reset", id=self.id)
+                had_blocks = self._plugged_size != 0
+                self._unplug_all()
+                if tracer.enabled and had_blocks:
+                    tracer.emit("virtio-mem.size", id=self.id, size=0)
+        finally:
+            self._fire_size_changes()
 
     def close(self) -> None:
         """Remove the device's slots and release the region (device removal, tests)."""
         with self._lock:
+            self._deferred.clear()
+            self._inaccessible.setall(0)
+            self._any_inaccessible = False
             self._bitmap.setall(0)
             self._plugged_size = 0
             self.slots.clear()
@@ -726,9 +776,25 @@ class VirtioMem(VirtioDevice):
         notify(self.unplugged_access_listener, [event], log, f"virtio-mem {self.id}: unplugged-access")
         return event
 
+    def settle_fault(self, gpa: int) -> bool:
+        """A vCPU faulted on `gpa`, which is plugged: KVM found its host page inaccessible.
+
+        That happens when the access raced with the PLUG's host work (its answer goes out
+        first); holding the lock means the work is done, so the access can simply be
+        retried. The block is opened again in case the host refused before. False if it
+        still refuses: the guest cannot be given this memory.
+        """
+        if not self.region_contains(gpa):
+            return False
+        with self._lock:
+            block = (gpa - self.addr) // self.block_size
+            return bool(self._bitmap[block]) and self._make_accessible(block, 1)
+
     def _trap_access(self, offset: int, size: int, data: bytes | None) -> bytes | None:
         """The MMIO trap's access at `offset` into the region; returns the data if it is plugged."""
         with self._lock:
+            if self._any_inaccessible:  # the slot may be unregistered too: try again here
+                self._retry_inaccessible(offset, size)
             if self._host_range_plugged(offset, size):
                 if data is None:
                     return HostMapping.read(self.mapping, offset, size)
@@ -744,7 +810,17 @@ class VirtioMem(VirtioDevice):
         if size == 0:
             return True
         first, last = offset // self.block_size, (offset + size - 1) // self.block_size
-        return self._bitmap.count(1, first, last + 1) == last + 1 - first
+        if self._bitmap.count(1, first, last + 1) != last + 1 - first:
+            return False
+        return not self._any_inaccessible or not self._inaccessible.count(1, first, last + 1)
+
+    def _retry_inaccessible(self, offset: int, size: int) -> None:
+        """Try again to open the plugged-but-inaccessible blocks of an access (lock held)."""
+        if 0 <= offset and 0 < size and offset + size <= self.region_size:
+            first, last = offset // self.block_size, (offset + size - 1) // self.block_size
+            for value, start, stop in intervals(self._inaccessible[first:last + 1]):
+                if value:
+                    self._make_accessible(first + start, stop - start)
 
     def _refuse_host_access(self, offset: int, size: int, kind: str) -> GuestMemoryError:
         # Report the first unplugged block the access touches (its start may be plugged).
@@ -757,11 +833,8 @@ class VirtioMem(VirtioDevice):
         return GuestMemoryError(f"guest-physical address {gpa:#x} is unplugged memory of virtio-mem {self.id}")
 
     # ------------------------------------------------------------------ helpers
-    def _size_event(self) -> dict:
-        # Called (lock held) exactly when the plugged size changes: the trace's moment for it.
-        if self.tracer.enabled:
-            self.tracer.emit("virtio-mem.size", id=self.id, size=self._plugged_size)
-        return {"id": self.id, "size": self._plugged_size, "qom-path": self.qom_path}
+    def _size_event(self, size: int) -> dict:
+        return {"id": self.id, "size": size, "qom-path": self.qom_path}
 
     def trace_description(self) -> None:
         """The device's geometry and starting requested size, once, when tracing starts."""
@@ -778,7 +851,10 @@ class VirtioMem(VirtioDevice):
             fields["state"] = STATE_NAMES.get(state, state)
         self.tracer.emit("virtio-mem.response", **fields, us=round(ns / 1000, 1))
 
-    def _fire_size_changes(self, events: list[dict]) -> None:
+    def _fire_size_changes(self) -> None:
+        """Give the listener the size changes so far; called with the lock released."""
+        with self._lock:
+            events, self._events = self._events, []
         notify(self.size_change_listener, events, log, f"virtio-mem {self.id}: size-change")
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -42,6 +42,7 @@ VRING_USED_ELEM_SIZE = 8
 MAX_CHAIN_BYTES = (1 << 32) - 1  # the used ring's len is 32-bit: no chain may describe more
 
 _DESC = struct.Struct("<QIHH")
+_DESC_PAIR = struct.Struct("<QIHHQIHH")  # a two-entry indirect table
 _USED_ELEM = struct.Struct("<II")
 
 # Reasons (VirtqueueError.reason), the keys chain errors are counted by.
@@ -212,6 +213,9 @@ class Virtqueue:
         self._avail16: memoryview | None = None
         self._used_view: memoryview | None = None
         self._used16: memoryview | None = None
+        # The boot-RAM memslot holding the rings, for `pop_pair`: its first GPA, end and view.
+        self._ram_base = self._ram_end = 0
+        self._ram: memoryview | None = None
         if size:
             self._validate_layout()
             self._cache_ring_views()
@@ -245,6 +249,10 @@ class Virtqueue:
             return
         self._desc_view, self._avail16 = desc, avail.cast("H")
         self._used_view, self._used16 = used, used.cast("H")
+        region = self.mem.stable_region(self.desc_addr)
+        if region is not None:
+            self._ram_base, self._ram = region
+            self._ram_end = self._ram_base + len(self._ram)
 
     # --- ring field access -------------------------------------------------------------
     # The avail ring as 16-bit words: 0 flags, 1 idx, 2.. ring[size], 2+size used_event.
@@ -300,12 +308,66 @@ class Virtqueue:
                 self.broken = e.reason
                 raise
 
+    def pop_pair(self) -> tuple[int, memoryview, memoryview] | None:
+        """The next chain if it has the common request/response shape, as (head, readable,
+        writable) views; else None, and nothing is taken: the caller goes on with `pop()`.
+
+        The shape is one device-readable buffer then one device-writable buffer, as two
+        chained descriptors or a two-entry indirect table (what Linux's virtqueue_add_sgs
+        builds for one out and one in buffer), with the table and both buffers in the
+        boot-RAM memslot that holds the rings. Such a chain needs none of `pop()`'s general
+        walk: a few bounds checks make it as safe, and every other chain, malformed ones
+        included, is left for `pop()` to validate and reject. The views stay valid (boot RAM).
+        """
+        ram = self._ram
+        if ram is None:
+            return None
+        base, end = self._ram_base, self._ram_end
+        with self._lock:
+            if not self.enabled or self.broken:
+                return None
+            avail, size, idx = self._avail16, self.size, self.last_avail_idx
+            if not 0 < (avail[1] - idx) & 0xFFFF <= size:
+                return None
+            head = avail[2 + idx % size]
+            if head >= size:
+                return None
+            addr, length, flags, nxt = _DESC.unpack_from(self._desc_view, VRING_DESC_SIZE * head)
+            if flags == VRING_DESC_F_INDIRECT:
+                if (not self.indirect or length != 2 * VRING_DESC_SIZE or addr % VRING_DESC_ALIGN_SIZE
+                        or addr < base or addr + length > end):
+                    return None
+                out_addr, out_len, out_flags, out_next, in_addr, in_len, in_flags, _ = \
+                    _DESC_PAIR.unpack_from(ram, addr - base)
+                if out_next != 1:
+                    return None
+            elif flags == VRING_DESC_F_NEXT and nxt < size:
+                out_addr, out_len, out_flags = addr, length, flags
+                in_addr, in_len, in_flags, _ = _DESC.unpack_from(self._desc_view, VRING_DESC_SIZE * nxt)
+            else:
+                return None
+            if (out_flags != VRING_DESC_F_NEXT or in_flags != VRING_DESC_F_WRITE
+                    or out_addr < base or out_addr + out_len > end or in_addr < base or in_addr + in_len > end
+                    or out_len + in_len > self.max_chain_bytes):
+                return None
+            self.last_avail_idx = idx = (idx + 1) & 0xFFFF
+            if self.event_idx:
+                self._used16[2 + 4 * size] = idx
+            self.popped += 1
+        out_at, in_at = out_addr - base, in_addr - base
+        return head, ram[out_at:out_at + out_len], ram[in_at:in_at + in_len]
+
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return `chain` to the driver, `written` bytes having been written into it."""
-        if not 0 <= chain.head < self.size:
-            raise ValueError(f"chain head {chain.head} is not a descriptor of this {self.size}-entry queue")
         if not 0 <= written <= chain.writable_len:
             raise ValueError(f"chain {chain.head}: written={written}, but only {chain.writable_len} bytes are writable")
+        self.push_used(chain.head, written)
+
+    def push_used(self, head: int, written: int) -> None:
+        """Put (head, written) on the used ring: `push` for a chain taken by `pop_pair`, whose
+        writable view bounds what the device could write."""
+        if not 0 <= head < self.size:
+            raise ValueError(f"chain head {head} is not a descriptor of this {self.size}-entry queue")
         with self._lock:
             if not self.enabled or self.broken:
                 self.dropped += 1
@@ -314,10 +376,10 @@ class Virtqueue:
                 slot = self.used_idx % self.size
                 elem_at = 4 + VRING_USED_ELEM_SIZE * slot
                 if self._used_view is not None:
-                    _USED_ELEM.pack_into(self._used_view, elem_at, chain.head, written)
+                    _USED_ELEM.pack_into(self._used_view, elem_at, head, written)
                 else:
                     try:
-                        self.mem.write(self.used_addr + elem_at, _USED_ELEM.pack(chain.head, written))
+                        self.mem.write(self.used_addr + elem_at, _USED_ELEM.pack(head, written))
                     except GuestMemoryError as e:
                         raise VirtqueueError(str(e), E_RING_RANGE) from None
                 # The element is stored before the index that publishes it (x86 keeps store order).

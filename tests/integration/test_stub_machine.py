@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -296,5 +297,88 @@ def test_srat_exactly_when_a_virtio_mem_device_names_a_node(tmp_path: Path, node
                 mems.append((base, size, dom, flags))
             off += srat[off + 1]
         assert mems == [(0, 64 << 20, 0, 1), (dev.addr, dev.region_size, 1, 3)]
+    finally:
+        machine.close()
+
+
+def _load_abs(gpa: int, wide: bool) -> bytes:
+    """movabs rax, [gpa] (wide) or movabs al, [gpa]: a guest read of an absolute address."""
+    return (b"\x48\xa1" if wide else b"\xa0") + struct.pack("<Q", gpa)
+
+
+def test_guest_touching_virtio_mem_memory_on_real_kvm(tmp_path: Path, monkeypatch) -> None:
+    """The three ways a guest reaches a virtio-mem region, on real KVM with a stub guest:
+
+    * a plugged block whose pages the host has not opened yet (here: mprotect refused after
+      the PLUG's answer) is opened when the vCPU touches it, and the access completes;
+    * an unplugged block in a slot with no memslot exits to the MMIO trap: all-ones, reported;
+    * an unplugged block inside a registered slot (PROT_NONE) is reported, and the VM stops
+      where KVM could not map it (EFAULT), or, where KVM emulates the access (a PVM host
+      interprets guest kernel code), the trap answers it like the previous case.
+    """
+    from devices.virtio.mem import VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_RESP_ACK
+    from vmm.device_options import parse_virtio_mem
+    from vmm.machine import Machine, MachineConfig
+    from vmm.hostmem import HostMemoryError
+
+    from vmm.boot.cpu_setup import PDPT_ADDR, PTE_PRESENT, PTE_PS, PTE_RW
+
+    console, events = bytearray(), []
+    region = 4 << 30  # above the 32-bit hole; slots of 128 MiB, blocks of 2 MiB
+    plugged, unplugged_unmapped, unplugged_mapped = region, region + (128 << 20), region + (2 << 20)
+    code = (stubkernel.print_code(b"a") + _load_abs(plugged, True) + stubkernel.print_code(b"b")
+            + _load_abs(unplugged_unmapped, False) + b"\x66\xba" + struct.pack("<H", stubkernel.COM1)
+            + stubkernel.OUT_DX_AL + stubkernel.print_code(b"c") + _load_abs(unplugged_mapped, True)
+            + stubkernel.print_code(b"d") + stubkernel.poweroff_code())
+    kernel = stubkernel.write_stub(tmp_path / "touch.elf", code)
+    machine = Machine(MachineConfig(kernel=kernel, memory=64 << 20, console_output=console.extend,
+                                    virtio_mem=[parse_virtio_mem("id=vm0,size=1G,requested-size=8M")]))
+    try:
+        dev = machine.virtio_mem["vm0"]
+        assert dev.addr == region
+        # The boot page tables map the first 4 GiB: identity-map the fifth for the stub too.
+        pd = stubkernel.LOAD_ADDR + (1 << 20)
+        machine.memory.write(pd, b"".join(struct.pack("<Q", region + (i << 21) | PTE_PRESENT | PTE_RW | PTE_PS)
+                                          for i in range(512)))
+        machine.memory.write(PDPT_ADDR + 8 * 4, struct.pack("<Q", pd | PTE_PRESENT | PTE_RW))
+        machine.add_event_listener(lambda name, data: events.append((name, data)))
+        protect = dev.mapping.protect
+
+        def refuse_open(offset: int, size: int, accessible: bool) -> None:
+            if accessible:
+                raise HostMemoryError("mprotect failed: Cannot allocate memory")
+            protect(offset, size, accessible)
+        monkeypatch.setattr(dev.mapping, "protect", refuse_open)
+        assert dev.handle_request(VIRTIO_MEM_REQ_PLUG, plugged, 1)[0] == VIRTIO_MEM_RESP_ACK
+        monkeypatch.undo()
+        assert dev.stats()["plugged-inaccessible"] == 1 and dev.slots.is_mapped(0)
+
+        accesses = lambda: [d for n, d in events if n == "PYVMM_UNPLUGGED_MEMORY_ACCESS"]  # noqa: E731
+        status_at_end: list[str] = []
+
+        def watch() -> None:
+            """Wait for both reports; quit a VM they stopped (the main thread runs the machine)."""
+            deadline = time.monotonic() + CLI_TIMEOUT
+            while (len(accesses()) < 2 and machine.status() not in ("paused", "shutdown")
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            if accesses()[1:] and accesses()[1]["kind"] == "fault":
+                while machine.status() != "paused" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            status_at_end.append(machine.status())
+            if machine.status() != "shutdown":
+                machine.quit()
+        threading.Thread(target=watch, daemon=True).start()
+        assert machine.run() == 0  # KVM_RUN needs the kick signal handler of the main thread
+
+        first, second = accesses()
+        assert (first["gpa"], first["kind"], first["slot-mapped"]) == (unplugged_unmapped, "read", False)
+        assert (second["gpa"], second["slot-mapped"]) == (unplugged_mapped, True)
+        stats = dev.stats()
+        assert stats["plugged-inaccessible"] == 0 and stats["unplugged-accesses"] == 2
+        if second["kind"] == "fault":  # KVM could not map it: the VM stopped there
+            assert status_at_end == ["paused"] and bytes(console) == b"ab\xffc"
+        else:  # KVM emulated the access and the trap answered it
+            assert second["kind"] == "read" and bytes(console) == b"ab\xffcd"
     finally:
         machine.close()

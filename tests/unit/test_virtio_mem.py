@@ -573,6 +573,71 @@ def test_mmio_trap_reports_and_reads_all_ones(rig: Rig) -> None:
     assert rig.dev.stats()["unplugged-accesses"] == 2
 
 
+def test_answers_go_out_before_the_host_work(rig: Rig, monkeypatch) -> None:
+    """The guest waits only for the bitmap: when the host opens, protects or discards memory
+    and (un)registers memslots, the answer is already in the used ring."""
+    seen: list[tuple[str, int]] = []
+    protect, discard = rig.dev.mapping.protect, rig.dev.mapping.discard
+    monkeypatch.setattr(rig.dev.mapping, "protect", lambda off, size, accessible: (
+        seen.append(("open" if accessible else "close", rig.vq.used_idx)), protect(off, size, accessible)))
+    monkeypatch.setattr(rig.dev.mapping, "discard", lambda off, size: (
+        seen.append(("discard", rig.vq.used_idx)), discard(off, size)))
+    add = rig.slots.add
+    monkeypatch.setattr(rig.slots, "add", lambda *a, **k: (seen.append(("slot", rig.vq.used_idx)), add(*a, **k))[1])
+    assert rig.plug(0, 2) == VIRTIO_MEM_RESP_ACK
+    assert seen == [("open", 1), ("slot", 1)]
+    assert rig.unplug(1) == VIRTIO_MEM_RESP_ACK
+    assert seen[2:] == [("close", 2), ("discard", 2)]
+
+
+def test_prealloc_failure_is_answered_busy(rig_factory, monkeypatch) -> None:
+    """prealloc=on promises the memory before the answer, so a host that cannot provide it
+    answers BUSY (Linux retries) and the blocks stay unplugged."""
+    r = rig_factory(requested=8 * MiB, prealloc=True)
+
+    def refuse(offset: int, length: int) -> None:
+        raise HostMemoryError("cannot preallocate: Cannot allocate memory")
+    monkeypatch.setattr(r.dev.mapping, "populate", refuse)
+    assert r.plug(0, 2) == VIRTIO_MEM_RESP_BUSY
+    assert r.dev.plugged_size == 0 and r.kvm_slots() == [] and segfaults_in_child(r.dev.mapping, 0)
+    monkeypatch.undo()
+    assert r.plug(0, 2) == VIRTIO_MEM_RESP_ACK and not segfaults_in_child(r.dev.mapping, BS)
+
+
+def test_plugged_memory_the_host_cannot_open_is_never_touched(rig: Rig, monkeypatch) -> None:
+    """mprotect can fail after the PLUG was answered (vm.max_map_count): the block is plugged
+    for the guest, but the VMM refuses to touch its pages (no SIGSEGV) and a vCPU fault on it
+    cannot be settled, until a later attempt succeeds."""
+    protect = rig.dev.mapping.protect
+
+    def refuse_open(offset: int, size: int, accessible: bool) -> None:
+        if accessible:
+            raise HostMemoryError("mprotect failed: Cannot allocate memory")
+        protect(offset, size, accessible)
+    monkeypatch.setattr(rig.dev.mapping, "protect", refuse_open)
+    assert rig.plug(0, 2) == VIRTIO_MEM_RESP_ACK
+    stats = rig.dev.stats()
+    assert stats["protect-failures"] == 1 and stats["plugged-inaccessible"] == 2
+    assert rig.dev.plugged_size == 2 * BS and segfaults_in_child(rig.dev.mapping, BS)
+    with pytest.raises(GuestMemoryError):  # device DMA: refused, not a crash
+        rig.mem.read(rig.gpa(1), 8)
+    assert rig.dev.trap.read(BS, 8) == b"\xff" * 8  # the trap tries again, fails, reads nothing
+    assert not rig.dev.settle_fault(rig.gpa(0))
+    monkeypatch.undo()
+    assert rig.dev.settle_fault(rig.gpa(0))  # a vCPU fault opens its block, then retries
+    assert rig.dev.stats()["plugged-inaccessible"] == 1 and not segfaults_in_child(rig.dev.mapping, 0)
+    rig.dev.trap.write(BS, b"open")            # the trap opens the other block
+    assert rig.mem.read(rig.gpa(1), 4) == b"open" and rig.dev.stats()["plugged-inaccessible"] == 0
+    assert rig.dev.stats()["unplugged-accesses"] == 0
+
+
+def test_settle_fault_only_for_plugged_blocks(rig: Rig) -> None:
+    assert rig.plug(0) == VIRTIO_MEM_RESP_ACK
+    assert rig.dev.settle_fault(rig.gpa(0))
+    assert not rig.dev.settle_fault(rig.gpa(1)) and not rig.dev.settle_fault(REGION_GPA - 1)
+    assert rig.dev.stats()["protect-failures"] == 0
+
+
 def test_on_unplugged_access_hook(rig: Rig) -> None:
     assert rig.dev.region_contains(REGION_GPA) and rig.dev.region_contains(REGION_GPA + 64 * MiB - 1)
     assert not rig.dev.region_contains(REGION_GPA - 1) and not rig.dev.region_contains(REGION_GPA + 64 * MiB)

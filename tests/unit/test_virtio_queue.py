@@ -4,11 +4,15 @@ every validation error, indirect tables, interrupt suppression and event index."
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from devices.virtio.queue import (
     MAX_CHAIN_BYTES,
+    VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     DescriptorChain,
@@ -316,3 +320,147 @@ def test_max_chain_bytes_is_capped_by_the_used_len_field() -> None:
     mem = make_guest_memory()
     vq = Virtqueue(mem, 8, 0x1000, 0x2000, 0x3000, max_chain_bytes=1 << 40)
     assert vq.max_chain_bytes == MAX_CHAIN_BYTES == 0xFFFF_FFFF
+
+
+# --- pop_pair: the request/response fast path --------------------------------------------------
+@pytest.mark.parametrize("indirect", [False, True])
+def test_pop_pair_takes_a_request_response_chain_in_place(ring_access: str, indirect: bool) -> None:
+    rig = Rig(event_idx=True)
+    head = rig.dq.add([b"request"], [4], indirect=indirect)
+    pair = rig.vq.pop_pair()
+    if ring_access != "cached ring views":  # rings outside boot RAM: only pop() serves them
+        assert pair is None and rig.vq.last_avail_idx == 0
+        assert rig.vq.pop().head == head
+        return
+    got_head, request, response = pair
+    assert got_head == head and bytes(request) == b"request" and len(response) == 4
+    assert rig.vq.last_avail_idx == 1 and rig.dq.avail_event == 1 and rig.vq.popped == 1
+    response[:] = b"done"  # the views are the guest's buffers themselves
+    rig.vq.push_used(head, 4)
+    [used] = rig.dq.get_used()
+    assert (used.head, used.length, used.data) == (head, 4, b"done")
+    assert rig.vq.pop_pair() is None and rig.vq.pop() is None
+
+
+def _indirect_table(rig: Rig, bufs: list[tuple[int, int, int, int]]) -> None:
+    """Publish one indirect descriptor whose table holds `bufs` as (addr, len, flags, next)."""
+    at = rig.alloc.alloc(16 * len(bufs))
+    for i, (addr, n, flags, nxt) in enumerate(bufs):
+        rig.dq.write_desc(i, addr, n, flags, nxt, table=at)
+    rig.dq.write_desc(0, at, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+    rig.dq.publish(0)
+
+
+def _far_pair(rig: Rig) -> None:
+    far = GuestAllocator(2 * MiB, 3 * MiB)  # the rig's second memslot: not the rings' one
+    rig.dq.write_desc(1, far.alloc(8), 8, VRING_DESC_F_WRITE)
+    rig.dq.write_desc(0, far.alloc(8), 8, VRING_DESC_F_NEXT, 1)
+    rig.dq.publish(0)
+
+
+OTHER_SHAPES: dict[str, Callable[[Rig], object]] = {
+    "one readable": lambda rig: rig.dq.add([b"x"], []),
+    "one writable": lambda rig: rig.dq.add([], [8], indirect=False),
+    "two readable": lambda rig: rig.dq.add([b"a", b"b"], [], indirect=False),
+    "three buffers": lambda rig: rig.dq.add([b"a"], [4, 4], indirect=False),
+    "three buffers, indirect": lambda rig: rig.dq.add([b"a", b"b"], [4], indirect=True),
+    "writable then writable": lambda rig: _indirect_table(rig, [
+        (rig.alloc.alloc(8), 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1), (rig.alloc.alloc(8), 8, VRING_DESC_F_WRITE, 0)]),
+    "indirect entry 0 chains to itself": lambda rig: _indirect_table(rig, [
+        (rig.alloc.alloc(8), 8, VRING_DESC_F_NEXT, 0), (rig.alloc.alloc(8), 8, VRING_DESC_F_WRITE, 0)]),
+    "buffers in the other memslot": _far_pair,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(OTHER_SHAPES))
+def test_pop_pair_leaves_every_other_shape_to_pop(shape: str) -> None:
+    rig = Rig(regions=((0, MiB), (2 * MiB, MiB)))
+    OTHER_SHAPES[shape](rig)
+    assert rig.vq.pop_pair() is None
+    assert rig.vq.last_avail_idx == 0 and rig.vq.popped == 0 and rig.vq.broken is None
+    try:
+        assert rig.vq.pop() is not None  # pop() takes it, or refuses it as malformed
+    except VirtqueueError:
+        assert rig.vq.broken
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_CHAINS))
+def test_pop_pair_never_takes_a_malformed_chain(name: str) -> None:
+    reason, build = MALFORMED_CHAINS[name]
+    rig = Rig()
+    build(rig.dq)
+    assert rig.vq.pop_pair() is None and rig.vq.last_avail_idx == 0
+    with pytest.raises(VirtqueueError) as err:
+        rig.vq.pop()
+    assert err.value.reason == reason
+
+
+def test_pop_pair_on_a_disabled_queue() -> None:
+    rig = Rig()
+    rig.dq.add([b"a"], [1])
+    rig.vq.disable()
+    assert rig.vq.pop_pair() is None
+
+
+_ADDRS = [0, 0x1000, 0x1FF0, MiB - 8, MiB - 32, MiB, 2 * MiB, 1 << 63]
+_ANY_ADDR = st.sampled_from(_ADDRS) | st.integers(0x1000, MiB - 64) | st.integers(0, (1 << 64) - 1)
+_DESC_FIELDS = st.tuples(_ANY_ADDR, st.integers(0, 64), st.integers(0, 7), st.integers(0, 9))
+
+
+@st.composite
+def _rings(draw) -> tuple[list, list, int, int, int, int]:
+    """Eight descriptors, a two-entry indirect table, where the table is, the head and the
+    avail index: random, or a request/response pair (direct or indirect) with one field spoiled."""
+    descs = draw(st.lists(_DESC_FIELDS, min_size=8, max_size=8))
+    table = draw(st.lists(_DESC_FIELDS, min_size=2, max_size=2))
+    table_at = draw(st.sampled_from([0x1000, 0x1FF0, MiB - 32]))
+    head, avail_idx = draw(st.integers(0, 7)), 1
+    if draw(st.booleans()):
+        req, resp = draw(st.integers(0x2000, MiB - 64)), draw(st.integers(0x2000, MiB - 64))
+        if draw(st.booleans()):
+            descs[head] = (table_at, 32, VRING_DESC_F_INDIRECT, 0)
+            table = [(req, 24, VRING_DESC_F_NEXT, 1), (resp, 10, VRING_DESC_F_WRITE, 0)]
+            spoilable = [(descs, head), (table, 0), (table, 1)]
+        else:
+            nxt = draw(st.integers(0, 7).filter(lambda i: i != head))
+            descs[head], descs[nxt] = (req, 24, VRING_DESC_F_NEXT, nxt), (resp, 10, VRING_DESC_F_WRITE, 0)
+            spoilable = [(descs, head), (descs, nxt)]
+        where, field = draw(st.sampled_from(spoilable + [None])), draw(st.integers(0, 3))
+        if where is not None:
+            entries, i = where
+            value = draw(_DESC_FIELDS)[field]
+            entries[i] = entries[i][:field] + (value,) + entries[i][field + 1:]
+    else:
+        head, avail_idx = draw(st.integers(0, 9)), draw(st.sampled_from([1, 0, 9]) | st.integers(0, 0xFFFF))
+    return descs, table, table_at, head, avail_idx
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ring=_rings())
+def test_pop_pair_agrees_with_pop_on_any_ring(ring_access: str, ring) -> None:
+    """Whatever the driver wrote, pop_pair either leaves the ring alone or takes exactly the
+    chain pop() would take: same head, same bytes, same response buffer. It never raises."""
+    descs, table, table_at, head, avail_idx = ring
+    rig = Rig(event_idx=True)
+    for i, (addr, n, flags, nxt) in enumerate(table):
+        rig.dq.write_desc(i, addr, n, flags, nxt, table=table_at)
+    for i, (addr, n, flags, nxt) in enumerate(descs):
+        rig.dq.write_desc(i, addr, n, flags, nxt)
+    rig.dq.publish(head)
+    rig.dq.set_avail_idx(avail_idx)
+    before = rig.mem.read(0, MiB)
+    pair = rig.vq.pop_pair()
+    event("left to pop()" if pair is None else "taken by pop_pair()")
+    if pair is None:
+        assert rig.vq.last_avail_idx == 0 and rig.mem.read(0, MiB) == before
+        return
+    assert ring_access == "cached ring views"  # only boot RAM has the fast path
+    got_head, request, response = pair
+    twin = Rig(event_idx=True)
+    twin.mem.write(0, before)
+    chain = twin.vq.pop()
+    assert chain is not None and chain.head == got_head
+    assert chain.read_all(twin.mem) == bytes(request) and chain.writable_len == len(response)
+    response[:] = b"Z" * len(response)
+    [(at, n)] = chain.writable
+    assert rig.mem.read(at, n) == b"Z" * n

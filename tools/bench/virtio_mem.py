@@ -84,8 +84,11 @@ def pyvmm_run(cycles: int) -> dict:
             "slot-size": stats["slot-size"], "cmdline": cmdline}
 
 
-def qemu_argv(img, cmdline: str, qmp_path: Path) -> list[str]:
-    return ["qemu-system-x86_64", "-M", "q35,smbus=off,sata=off", "-bios", "/usr/share/qemu/qboot.rom",
+def qemu_argv(img, cmdline: str, qmp_path: Path, trace_log: Path) -> list[str]:
+    return ["qemu-system-x86_64",
+            # QEMU's own trace points time its requests: each virtio-mem request is one
+            # virtqueue_pop ... virtqueue_flush pair (-msg timestamp=on stamps them in µs).
+            "-trace", "virtqueue_pop", "-trace", "virtqueue_flush", "-msg", "timestamp=on", "-D", str(trace_log), "-M", "q35,smbus=off,sata=off", "-bios", "/usr/share/qemu/qboot.rom",
             "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", f"{MEMORY},maxmem=4G,slots=1",
             "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
             "-object", f"memory-backend-ram,id=mem0,size={DEVICE_SIZE}",
@@ -94,14 +97,32 @@ def qemu_argv(img, cmdline: str, qmp_path: Path) -> list[str]:
             "-kernel", str(img.vmlinux), "-initrd", str(img.initramfs), "-append", f"{cmdline} {QEMU_ONLY_PARAMS}"]
 
 
+_TRACE_LINE = re.compile(r"@(\d+)\.(\d{6}):(virtqueue_pop|virtqueue_flush) ")
+
+
+def qemu_request_times_us(trace: str) -> list[float]:
+    """Per-request host time from QEMU's log-backend trace: each virtqueue_pop to the
+    virtqueue_flush that returns it (virtio-mem answers one request at a time)."""
+    times, popped = [], None
+    for m in _TRACE_LINE.finditer(trace):
+        t = int(m.group(1)) * 1_000_000 + int(m.group(2))
+        if m.group(3) == "virtqueue_pop":
+            popped = t
+        elif popped is not None:
+            times.append(float(t - popped))
+            popped = None
+    return times
+
+
 def qemu_run(cmdline: str, cycles: int) -> dict:
     img = guest_images.default_image()
     with tempfile.TemporaryDirectory() as d:
         qmp_path = Path(d) / "qmp.sock"
         console = Path(d) / "console.log"
+        trace_log = Path(d) / "trace.log"
         with open(console, "wb") as out:
-            proc = subprocess.Popen(qemu_argv(img, cmdline, qmp_path), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(qemu_argv(img, cmdline, qmp_path, trace_log), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT)
         try:
             t0 = time.monotonic()
             while not PROMPT.search(console.read_bytes()):
@@ -109,22 +130,61 @@ def qemu_run(cmdline: str, cycles: int) -> dict:
                     raise RuntimeError("QEMU guest did not reach its shell:\n"
                                        + console.read_bytes()[-1500:].decode(errors="replace"))
                 time.sleep(0.5)
+            start = trace_log.stat().st_size if trace_log.exists() else 0  # skip the driver's start-up
             plug, unplug = plug_cycle(qmp_path, cycles)
+            with open(trace_log, "rb") as f:
+                f.seek(start)
+                request_us = qemu_request_times_us(f.read().decode(errors="replace"))
         finally:
             proc.kill()
             proc.wait()
-    return {"plug": plug, "unplug": unplug}
+    if not request_us:
+        raise RuntimeError("QEMU's trace has no virtqueue_pop/virtqueue_flush pairs (is its log trace backend built in?)")
+    return {"plug": plug, "unplug": unplug, "request-us": request_us}
 
 
 def throughput(cycles: int = 2) -> dict:
     py = pyvmm_run(cycles)
     qemu = qemu_run(py["cmdline"], cycles)
     gib = PLUG_SIZE / (1 << 30)
-    out = {"pyvmm": py, "qemu": qemu, "size": PLUG_SIZE}
+    out = {"pyvmm": py, "qemu": qemu, "size": PLUG_SIZE,
+           "rig-us": {"warm": request_cost_rig(0.0), "idle": request_cost_rig(RIG_IDLE_S)}}
     for who in (py, qemu):
         who["plug-gib-s"] = gib / statistics.median(who["plug"])
         who["unplug-gib-s"] = gib / statistics.median(who["unplug"])
     return out
+
+
+RIG_REQUESTS = 64
+RIG_IDLE_S = 0.02
+
+
+def request_cost_rig(idle_s: float) -> float:
+    """Median host time per request of the same device code with no guest: a driver model in
+    the test suite's bytearray memory sends PLUG/UNPLUG of 64 blocks, `idle_s` apart (0: back
+    to back, the code warm in the CPU caches)."""
+    from devices.virtio.mem import REQ_FORMAT, RESP_FORMAT, VIRTIO_MEM_REQ_PLUG, VIRTIO_MEM_REQ_UNPLUG, VirtioMem
+    from devices.virtio.mmio import VirtioMmioTransport
+    from tests.virtio_driver import ALL_FEATURES, VirtioMmioDriver, make_guest_memory
+    from vmm.memory import STABLE_OWNER
+
+    mem = make_guest_memory(((0, 1 * MiB),), owner=STABLE_OWNER)
+    dev = VirtioMem("rig", 128 * MiB, 1024 * MiB, memslots=mem.slots, requested_size=1024 * MiB)
+    try:
+        [vq] = VirtioMmioDriver(VirtioMmioTransport(dev, mem, lambda: None, "rig"), mem).init(ALL_FEATURES)
+        blocks = 64
+        for i in range(RIG_REQUESTS):
+            first = (i // 2) % 8 * blocks
+            req_type = VIRTIO_MEM_REQ_PLUG if i % 2 == 0 else VIRTIO_MEM_REQ_UNPLUG
+            time.sleep(idle_s)
+            vq.add([REQ_FORMAT.pack(req_type, dev.addr + first * dev.block_size, blocks)], [RESP_FORMAT.size])
+            vq.kick()
+            [used] = vq.get_used()
+            if RESP_FORMAT.unpack(used.data)[0] != 0:
+                raise RuntimeError(f"the rig's request {i} was not acknowledged")
+        return dev.stats()["request-time-us"]["p50"]
+    finally:
+        dev.close()
 
 
 def _vm_rss(pid: int) -> int:
