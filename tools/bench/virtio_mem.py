@@ -143,7 +143,7 @@ def qemu_run(cmdline: str, cycles: int) -> dict:
     return {"plug": plug, "unplug": unplug, "request-us": request_us}
 
 
-def throughput(cycles: int = 2) -> dict:
+def throughput(cycles: int = 3) -> dict:
     py = pyvmm_run(cycles)
     qemu = qemu_run(py["cmdline"], cycles)
     gib = PLUG_SIZE / (1 << 30)
