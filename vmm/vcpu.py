@@ -27,7 +27,8 @@ log = logging.getLogger("pyvmm.vcpu")
 KICK_SIGNAL = signal.SIGUSR1
 MAX_EXIT_REASON = 64
 # A memory fault the host settled resolves on the next KVM_RUN; the same address faulting
-# this many times in a row means it never will, and KVM_RUN's EFAULT becomes fatal.
+# this many times with no other address between means it never will, and KVM_RUN's EFAULT
+# becomes fatal instead of a busy loop.
 MAX_FAULT_RETRIES = 1000
 
 
