@@ -93,7 +93,7 @@ def section_virtio_mem(args) -> str:
              f"{py['plug-gib-s'] / qe['plug-gib-s']:.2f}×"],
             [f"unplug {size} (GiB/s)", f"{py['unplug-gib-s']:.3f}", f"{qe['unplug-gib-s']:.3f}",
              f"{py['unplug-gib-s'] / qe['unplug-gib-s']:.2f}×"]]
-    rt, aa, rig = py["request-time-us"], py["after-answer-us"], vm["rig-us"]
+    rt, aa, rig, fl = py["request-time-us"], py["after-answer-us"], vm["rig-us"], vm["floor-us"]
     qe_us = sorted(qe["request-us"])
     qe_p50 = statistics.median(qe_us)
     rows.append(["host time per request, median (µs)", f"{rt['p50']:.1f}", f"{qe_p50:.1f}",
@@ -104,10 +104,14 @@ def section_virtio_mem(args) -> str:
         f"`request-time-us`): p99 {rt['p99']:.1f} µs, mean {rt['mean']:.1f} µs, max {rt['max']:.1f} µs over "
         f"{rt['count']} requests. QEMU from its `virtqueue_pop` to its `virtqueue_flush` trace point "
         f"(log backend, µs stamps): max {qe_us[-1]:.0f} µs over {len(qe_us)} requests. The same pyvmm code "
-        f"with no guest (a driver model, {virtio_mem.RIG_REQUESTS} requests): median {rig['warm']:.1f} µs "
-        f"back to back, {rig['idle']:.1f} µs with {virtio_mem.RIG_IDLE_S * 1000:.0f} ms of idle before each: "
-        "on this host the first run of any code after a pause pays a cold-cache penalty of several times "
-        "its warm cost, and a guest's requests come that far apart. "
+        f"with no guest (a driver model, {virtio_mem.RIG_REQUESTS} requests, the device woken through its "
+        f"eventfd by pyvmm's event loop): median {rig['warm']:.1f} µs back to back, {rig['idle']:.1f} µs with "
+        f"{virtio_mem.RIG_IDLE_S * 1000:.0f} ms of idle before each. On this host the first run of any code "
+        "after a pause of a few ms pays a cold-cache penalty of several times its warm cost, and a guest's "
+        "requests come seconds apart. The floor under that: one function that does only the ring and bitmap "
+        "steps inline, woken and timed the same way (`tools/bench/handler_floor.py`, and its C twin), takes "
+        f"{fl['python']['warm']:.1f} µs back to back and {fl['python']['idle']:.1f} µs after the same idle in "
+        f"Python; {fl['c']['warm']:.2f} µs and {fl['c']['idle']:.2f} µs in C. "
         f"Memory protection, discards and memslot changes follow the answer: "
         f"{aa['mean']:.1f} µs mean over {aa['count']} batches. Memslots of "
         f"{py['slot-size'] >> 20} MiB: {py['slot-adds']} added, {py['slot-removes']} removed. Same guest kernel, "
